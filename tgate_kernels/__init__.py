@@ -1,0 +1,36 @@
+"""tgate_kernels: training-free T-GATE acceleration for diffusers pipelines.
+
+``tgate_kernels.enable(pipe)`` makes the ordinary ``pipe(...)`` call cache cross-attention after
+a gate step, drop classifier-free guidance after it and cache self-attention on a schedule.
+"""
+
+from .api import disable, enable, enabled, is_enabled
+from .loaders import (
+    TgatePixArtAlphaLoader,
+    TgatePixArtLoader,
+    TgatePixArtSigmaLoader,
+    TgateSDLoader,
+    TgateSDXLLoader,
+    TgateSVDLoader,
+)
+from .schedule import AttentionAction, StepPlan, TgateSettings, plan_generation, plan_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "enable",
+    "disable",
+    "enabled",
+    "is_enabled",
+    "TgateSDLoader",
+    "TgateSDXLLoader",
+    "TgatePixArtLoader",
+    "TgatePixArtAlphaLoader",
+    "TgatePixArtSigmaLoader",
+    "TgateSVDLoader",
+    "TgateSettings",
+    "AttentionAction",
+    "StepPlan",
+    "plan_step",
+    "plan_generation",
+]

@@ -1,0 +1,1 @@
+"""Hooks T-GATE attaches to a pipeline's modules (see each module)."""

@@ -1,0 +1,120 @@
+"""Per-generation state shared by the hooks of one pipeline.
+
+One :class:`GenerationState` per enabled pipeline. It is *active* only between the opening and
+the closing of a generation's denoising loop; outside it every hook passes calls straight
+through. Opening and closing both clear every cache, so nothing outlives a call, also when the
+call raises.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+from .schedule import AttentionAction, StepPlan, TgateSettings, plan_step
+
+
+class GenerationState:
+    def __init__(self, cfg_half: str = "first") -> None:
+        if cfg_half not in ("first", "second"):
+            raise ValueError(f"`cfg_half` must be 'first' or 'second', got {cfg_half!r}.")
+        self.cfg_half = cfg_half
+        self.settings: TgateSettings | None = None
+        self.num_steps = 0
+        self.gate_step = 0
+        self.step = 0
+        self.plan: StepPlan | None = None
+        self.cfg: bool | None = None
+        self.latent_batch: int | None = None
+        self._cache_clearers: list[Callable[[], None]] = []
+        self.counters = StepCounters()
+
+    @property
+    def active(self) -> bool:
+        return self.plan is not None
+
+    def register_cache(self, clear: Callable[[], None]) -> None:
+        self._cache_clearers.append(clear)
+
+    def unregister_cache(self, clear: Callable[[], None]) -> None:
+        self._cache_clearers.remove(clear)
+
+    def clear_caches(self) -> None:
+        for clear in self._cache_clearers:
+            clear()
+
+    def begin(self, settings: TgateSettings, num_steps: int, cfg: bool | None) -> None:
+        """Open a generation of ``num_steps`` solver steps. ``cfg`` is whether the pipeline
+        runs a CFG batch, or ``None`` to detect it from the first denoiser call."""
+        gate = settings.resolve_gate_step(num_steps)
+        self.clear_caches()
+        self.settings = settings
+        self.num_steps = num_steps
+        self.gate_step = gate
+        self.step = 0
+        self.cfg = None
+        self.counters.reset()
+        self.plan = plan_step(0, settings, gate)
+        if cfg is not None:
+            self.decide_cfg(cfg)
+
+    def advance(self, steps: int = 1) -> None:
+        """Close ``steps`` solver steps (the pipeline's progress bar moved)."""
+        if self.plan is None:
+            return
+        self.step += steps
+        self.plan = plan_step(self.step, self.settings, self.gate_step)
+
+    def end(self) -> None:
+        self.clear_caches()
+        self.settings = None
+        self.plan = None
+        self.cfg = None
+        self.latent_batch = None
+
+    def decide_cfg(self, cfg: bool) -> None:
+        if self.settings is not None and self.settings.lcm is True and cfg:
+            warnings.warn(
+                "T-GATE was told `lcm=True` (no classifier-free guidance), but this generation runs a "
+                "CFG batch; following the pipeline: the gate averages the CFG halves and drops CFG after it.",
+                stacklevel=3,
+            )
+        self.cfg = cfg
+
+    def observe_denoiser_batch(self, batch: int) -> None:
+        """Decide CFG from the first denoiser call when the pipeline did not say: a CFG batch is
+        twice the latent batch."""
+        if self.cfg is None:
+            self.decide_cfg(self.latent_batch is not None and batch == 2 * self.latent_batch)
+
+    @property
+    def halve_batch(self) -> bool:
+        """Whether denoiser calls of this step run on one half of the CFG batch."""
+        return bool(self.cfg) and self.plan is not None and not self.plan.cfg_batch
+
+    @property
+    def average_halves(self) -> bool:
+        return bool(self.cfg) and self.plan is not None and self.plan.average_cfg_halves
+
+    def action(self, cross: bool) -> AttentionAction:
+        return self.plan.cross_attention if cross else self.plan.self_attention
+
+
+class StepCounters:
+    """What the hooks did in the current generation, per step: for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.attention_computed: dict[tuple[int, bool], int] = {}
+        self.attention_reused: dict[tuple[int, bool], int] = {}
+        self.denoiser_batches: dict[int, list[int]] = {}
+
+    def reset(self) -> None:
+        self.attention_computed.clear()
+        self.attention_reused.clear()
+        self.denoiser_batches.clear()
+
+    def computed(self, step: int, cross: bool) -> int:
+        return self.attention_computed.get((step, cross), 0)
+
+    def reused(self, step: int, cross: bool) -> int:
+        return self.attention_reused.get((step, cross), 0)
