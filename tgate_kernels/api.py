@@ -73,7 +73,7 @@ class TgateController:
 
 
 def controller_of(pipe) -> TgateController | None:
-    return pipe.__dict__.get(_CONTROLLER_ATTR)
+    return getattr(pipe, "__dict__", {}).get(_CONTROLLER_ATTR)
 
 
 def is_enabled(pipe) -> bool:
