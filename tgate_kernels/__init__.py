@@ -9,7 +9,9 @@ from .loaders import (
     TgatePixArtAlphaLoader,
     TgatePixArtLoader,
     TgatePixArtSigmaLoader,
+    TgateSDDeepCacheLoader,
     TgateSDLoader,
+    TgateSDXLDeepCacheLoader,
     TgateSDXLLoader,
     TgateSVDLoader,
 )
@@ -28,6 +30,8 @@ __all__ = [
     "TgatePixArtAlphaLoader",
     "TgatePixArtSigmaLoader",
     "TgateSVDLoader",
+    "TgateSDDeepCacheLoader",
+    "TgateSDXLDeepCacheLoader",
     "TgateSettings",
     "AttentionAction",
     "StepPlan",

@@ -11,6 +11,7 @@ import types
 from typing import Iterator
 
 from .adapters import PipelineParts, pipeline_parts, pipeline_uses_cfg
+from .deepcache import DeepCacheCoordinator
 from .hooks import attention_cache, cfg_batch
 from .hooks.attention_cache import AttentionCacheHook
 from .hooks.cfg_batch import CfgBatchHook
@@ -33,6 +34,7 @@ class TgateController:
         self.gates_plain_calls = False
         self.state = GenerationState(parts.cfg_half)
         self._call_settings: TgateSettings | None = None
+        self.deepcache: DeepCacheCoordinator | None = None
         self._attention_modules: list = []
         self._tracker = GenerationTracker(pipe, self.state, self._settings_for_call, pipeline_uses_cfg)
         self._had_tgate_attr = "tgate" in pipe.__dict__
@@ -51,8 +53,16 @@ class TgateController:
         self._tracker.install()
         self.pipe.tgate = types.MethodType(tgate, self.pipe)
 
+    def set_deepcache(self, coordinator: DeepCacheCoordinator | None) -> None:
+        if self.deepcache is not None:
+            self.state.step_listeners.remove(self.deepcache)
+        self.deepcache = coordinator
+        if coordinator is not None:
+            self.state.step_listeners.append(coordinator)
+
     def uninstall(self) -> None:
         self._tracker.uninstall()
+        self.set_deepcache(None)
         for module in self._attention_modules:
             detach(module, attention_cache.HOOK_NAME)
         for denoiser in self.parts.denoisers:
@@ -101,6 +111,7 @@ def enable(
     fi_interval: int = 1,
     warm_up: int = 2,
     lcm: bool | None = None,
+    deepcache: dict | bool | None = None,
 ):
     """Make the ordinary ``pipe(...)`` call run with T-GATE; returns ``pipe``.
 
@@ -113,14 +124,27 @@ def enable(
         warm_up: steps before self-attention is first cached (>= 0).
         lcm: ``True`` for a pipeline without a CFG batch (LCM); ``None`` detects it. The detection
             decides either way, so two different samples are never averaged.
+        deepcache: ``{"cache_interval": 3, "cache_branch_id": 0}`` runs DeepCache (its own
+            ``DeepCacheSDHelper``) together with T-GATE on UNet pipelines; ``False`` removes it;
+            ``None`` leaves it as it is.
 
     Calling ``enable`` on an enabled pipeline replaces its settings.
     """
     settings = TgateSettings(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
+    coordinator = deepcache_option(pipe, deepcache)
     controller = attach_controller(pipe, settings)
     controller.settings = settings
     controller.gates_plain_calls = True
+    if deepcache is not None:
+        controller.set_deepcache(coordinator)
     return pipe
+
+
+def deepcache_option(pipe, option) -> DeepCacheCoordinator | None:
+    """The DeepCache coordinator an ``enable``/loader option asks for, validated."""
+    if option is None or option is False:
+        return None
+    return DeepCacheCoordinator.from_option(pipe, option)
 
 
 def disable(pipe):
@@ -137,7 +161,7 @@ def enabled(pipe, **settings) -> Iterator:
     """``with tgate_kernels.enabled(pipe, gate_step=10): pipe(...)``; on exit the pipeline is as
     it was before (disabled, or enabled with its previous settings)."""
     controller = controller_of(pipe)
-    previous = (controller.settings, controller.gates_plain_calls) if controller is not None else None
+    previous = (controller.settings, controller.gates_plain_calls, controller.deepcache) if controller else None
     enable(pipe, **settings)
     try:
         yield pipe
@@ -145,7 +169,8 @@ def enabled(pipe, **settings) -> Iterator:
         if previous is None:
             disable(pipe)
         else:
-            controller.settings, controller.gates_plain_calls = previous
+            controller.settings, controller.gates_plain_calls, deepcache = previous
+            controller.set_deepcache(deepcache)
 
 
 def tgate(

@@ -8,18 +8,21 @@ ordinary ``pipe(...)`` call as it was unless the pipeline was also ``enable``-d.
 
 from __future__ import annotations
 
-from .api import attach_controller
+from .api import attach_controller, deepcache_option
 from .schedule import TgateSettings
 
 
-def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm):
+def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache=None):
     settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     if num_inference_steps is not None:
         settings.resolve_gate_step(num_inference_steps)
+    coordinator = deepcache_option(pipe, deepcache)
     controller = attach_controller(pipe, settings)
     controller.settings = settings
     if num_inference_steps is not None:
         controller.num_inference_steps = num_inference_steps
+    if coordinator is not None:
+        controller.set_deepcache(coordinator)
     return pipe
 
 
@@ -54,6 +57,40 @@ TgatePixArtAlphaLoader = _make_loader("TgatePixArtAlphaLoader", _STANDARD, "PixA
 TgatePixArtSigmaLoader = _make_loader("TgatePixArtSigmaLoader", _STANDARD, "PixArt-Σ")
 TgateSVDLoader = _make_loader("TgateSVDLoader", _STANDARD, "Stable Video Diffusion")
 
+# The reference's DeepCache variants compute self-attention at every step before the gate.
+_WITH_DEEPCACHE = TgateSettings(sp_interval=1, warm_up=0)
+
+
+def _make_deepcache_loader(name: str, family: str):
+    def loader(
+        pipe,
+        cache_interval: int = 3,
+        cache_branch_id: int = 0,
+        gate_step: int | float | None = None,
+        num_inference_steps: int | None = None,
+        sp_interval: int | None = None,
+        fi_interval: int | None = None,
+        warm_up: int | None = None,
+        lcm: bool | None = None,
+    ):
+        deepcache = {"cache_interval": cache_interval, "cache_branch_id": cache_branch_id}
+        return _load(pipe, _WITH_DEEPCACHE, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache)
+
+    loader.__name__ = loader.__qualname__ = name
+    loader.__doc__ = (
+        f"Attach T-GATE and DeepCache to a {family} pipeline and give it ``pipe.tgate(...)``; returns ``pipe``.\n\n"
+        f"DeepCache reuses deep UNet features on all but every ``cache_interval``-th step, branching at "
+        f"``cache_branch_id``. T-GATE defaults here: gate_step={_WITH_DEEPCACHE.gate_step}, "
+        f"sp_interval={_WITH_DEEPCACHE.sp_interval}, fi_interval={_WITH_DEEPCACHE.fi_interval}, "
+        f"warm_up={_WITH_DEEPCACHE.warm_up}. Both act only during ``pipe.tgate`` calls (and plain calls of an "
+        f"``enable``-d pipeline)."
+    )
+    return loader
+
+
+TgateSDDeepCacheLoader = _make_deepcache_loader("TgateSDDeepCacheLoader", "Stable Diffusion 1.x/2.x")
+TgateSDXLDeepCacheLoader = _make_deepcache_loader("TgateSDXLDeepCacheLoader", "Stable Diffusion XL")
+
 __all__ = [
     "TgateSDLoader",
     "TgateSDXLLoader",
@@ -61,4 +98,6 @@ __all__ = [
     "TgatePixArtAlphaLoader",
     "TgatePixArtSigmaLoader",
     "TgateSVDLoader",
+    "TgateSDDeepCacheLoader",
+    "TgateSDXLDeepCacheLoader",
 ]

@@ -27,6 +27,7 @@ class GenerationState:
         self.cfg: bool | None = None
         self.latent_batch: int | None = None
         self._cache_clearers: list[Callable[[], None]] = []
+        self.step_listeners: list[StepListener] = []
         self.counters = StepCounters()
 
     @property
@@ -57,6 +58,9 @@ class GenerationState:
         self.plan = plan_step(0, settings, gate)
         if cfg is not None:
             self.decide_cfg(cfg)
+        for listener in self.step_listeners:
+            listener.generation_started(self)
+            listener.step_started(self)
 
     def advance(self, steps: int = 1) -> None:
         """Close ``steps`` solver steps (the pipeline's progress bar moved)."""
@@ -64,9 +68,20 @@ class GenerationState:
             return
         self.step += steps
         self.plan = plan_step(self.step, self.settings, self.gate_step)
+        for listener in self.step_listeners:
+            listener.step_started(self)
 
     def end(self) -> None:
+        was_active = self.plan is not None
         self.clear_caches()
+        try:
+            if was_active:
+                for listener in self.step_listeners:
+                    listener.generation_ended(self)
+        finally:
+            self._reset_after_generation()
+
+    def _reset_after_generation(self) -> None:
         self.settings = None
         self.plan = None
         self.cfg = None
@@ -98,6 +113,19 @@ class GenerationState:
 
     def action(self, cross: bool) -> AttentionAction:
         return self.plan.cross_attention if cross else self.plan.self_attention
+
+
+class StepListener:
+    """Something that follows a generation step by step (DeepCache's coordinator, for one)."""
+
+    def generation_started(self, state: GenerationState) -> None:
+        pass
+
+    def step_started(self, state: GenerationState) -> None:
+        pass
+
+    def generation_ended(self, state: GenerationState) -> None:
+        pass
 
 
 class StepCounters:
