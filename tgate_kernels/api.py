@@ -12,8 +12,9 @@ from typing import Iterator
 
 from .adapters import PipelineParts, pipeline_parts, pipeline_uses_cfg
 from .deepcache import DeepCacheCoordinator
-from .hooks import attention_cache, cfg_batch
+from .hooks import attention_cache, block_fast_path, cfg_batch
 from .hooks.attention_cache import AttentionCacheHook
+from .hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from .hooks.cfg_batch import CfgBatchHook
 from .hooks.generation import GenerationTracker
 from .hooks.registry import attach, detach
@@ -21,6 +22,16 @@ from .schedule import TgateSettings
 from .state import GenerationState
 
 _CONTROLLER_ATTR = "_tgate_controller"
+
+KERNEL_MODES = ("auto", "off")
+
+
+def _check_kernels(kernels) -> None:
+    if kernels not in KERNEL_MODES:
+        raise ValueError(
+            f"`kernels` must be one of {KERNEL_MODES} ('auto': fused post-gate blocks with the best kernel "
+            f"available; 'off': plain PyTorch), got {kernels!r}."
+        )
 
 
 class TgateController:
@@ -36,6 +47,7 @@ class TgateController:
         self._call_settings: TgateSettings | None = None
         self.deepcache: DeepCacheCoordinator | None = None
         self._attention_modules: list = []
+        self._fast_blocks: list = []
         self._tracker = GenerationTracker(pipe, self.state, self._settings_for_call, pipeline_uses_cfg)
         self._had_tgate_attr = "tgate" in pipe.__dict__
 
@@ -52,6 +64,26 @@ class TgateController:
             attach(module, AttentionCacheHook(self.state), attention_cache.HOOK_NAME)
         self._tracker.install()
         self.pipe.tgate = types.MethodType(tgate, self.pipe)
+        self.set_kernels("auto")
+
+    @property
+    def kernels(self) -> str:
+        return "auto" if self.state.fused_blocks else "off"
+
+    def set_kernels(self, kernels: str) -> None:
+        """'auto' runs the fused post-gate block fast path; 'off' leaves the blocks to PyTorch."""
+        fused = kernels == "auto"
+        if fused and not self._fast_blocks:
+            self._fast_blocks = [
+                block for denoiser in self.parts.denoisers for block in denoiser.modules() if supports_fast_path(block)
+            ]
+            for block in self._fast_blocks:
+                attach(block, BlockFastPathHook(self.state), block_fast_path.HOOK_NAME)
+        elif not fused:
+            for block in self._fast_blocks:
+                detach(block, block_fast_path.HOOK_NAME)
+            self._fast_blocks = []
+        self.state.fused_blocks = fused
 
     def set_deepcache(self, coordinator: DeepCacheCoordinator | None) -> None:
         if self.deepcache is not None:
@@ -63,6 +95,7 @@ class TgateController:
     def uninstall(self) -> None:
         self._tracker.uninstall()
         self.set_deepcache(None)
+        self.set_kernels("off")
         for module in self._attention_modules:
             detach(module, attention_cache.HOOK_NAME)
         for denoiser in self.parts.denoisers:
@@ -112,6 +145,7 @@ def enable(
     warm_up: int = 2,
     lcm: bool | None = None,
     deepcache: dict | bool | None = None,
+    kernels: str = "auto",
 ):
     """Make the ordinary ``pipe(...)`` call run with T-GATE; returns ``pipe``.
 
@@ -127,14 +161,19 @@ def enable(
         deepcache: ``{"cache_interval": 3, "cache_branch_id": 0}`` runs DeepCache (its own
             ``DeepCacheSDHelper``) together with T-GATE on UNet pipelines; ``False`` removes it;
             ``None`` leaves it as it is.
+        kernels: ``"auto"`` runs known transformer blocks after the gate as ``attn1`` → one fused
+            op (``torch.ops.tgate.post_gate_residual_norm``) → feed-forward, skipping ``norm2`` and
+            ``attn2``; ``"off"`` leaves every block to plain PyTorch (bit-exact with the reference).
 
     Calling ``enable`` on an enabled pipeline replaces its settings.
     """
     settings = TgateSettings(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
+    _check_kernels(kernels)
     coordinator = deepcache_option(pipe, deepcache)
     controller = attach_controller(pipe, settings)
     controller.settings = settings
     controller.gates_plain_calls = True
+    controller.set_kernels(kernels)
     if deepcache is not None:
         controller.set_deepcache(coordinator)
     return pipe
@@ -161,7 +200,9 @@ def enabled(pipe, **settings) -> Iterator:
     """``with tgate_kernels.enabled(pipe, gate_step=10): pipe(...)``; on exit the pipeline is as
     it was before (disabled, or enabled with its previous settings)."""
     controller = controller_of(pipe)
-    previous = (controller.settings, controller.gates_plain_calls, controller.deepcache) if controller else None
+    previous = (
+        (controller.settings, controller.gates_plain_calls, controller.deepcache, controller.kernels) if controller else None
+    )
     enable(pipe, **settings)
     try:
         yield pipe
@@ -169,8 +210,9 @@ def enabled(pipe, **settings) -> Iterator:
         if previous is None:
             disable(pipe)
         else:
-            controller.settings, controller.gates_plain_calls, deepcache = previous
+            controller.settings, controller.gates_plain_calls, deepcache, kernels = previous
             controller.set_deepcache(deepcache)
+            controller.set_kernels(kernels)
 
 
 def tgate(

@@ -11,6 +11,8 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import torch
+
 from .schedule import AttentionAction, StepPlan, TgateSettings, plan_step
 
 
@@ -19,6 +21,7 @@ class GenerationState:
         if cfg_half not in ("first", "second"):
             raise ValueError(f"`cfg_half` must be 'first' or 'second', got {cfg_half!r}.")
         self.cfg_half = cfg_half
+        self.fused_blocks = False
         self.settings: TgateSettings | None = None
         self.num_steps = 0
         self.gate_step = 0
@@ -129,7 +132,11 @@ class StepListener:
 
 
 class StepCounters:
-    """What the hooks did in the current generation, per step: for tests and benchmarks."""
+    """What the hooks did in the current generation, per step: for tests and benchmarks.
+
+    Nothing is counted while ``torch.compile`` traces: counts keyed by step would make every
+    step a new graph.
+    """
 
     def __init__(self) -> None:
         self.attention_computed: dict[tuple[int, bool], int] = {}
@@ -140,6 +147,17 @@ class StepCounters:
         self.attention_computed.clear()
         self.attention_reused.clear()
         self.denoiser_batches.clear()
+
+    def count_attention(self, step: int, cross: bool, reused: bool) -> None:
+        if torch.compiler.is_compiling():
+            return
+        counts = self.attention_reused if reused else self.attention_computed
+        counts[(step, cross)] = counts.get((step, cross), 0) + 1
+
+    def count_denoiser_call(self, step: int, batch: int) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.denoiser_batches.setdefault(step, []).append(batch)
 
     def computed(self, step: int, cross: bool) -> int:
         return self.attention_computed.get((step, cross), 0)

@@ -56,19 +56,22 @@ class AttentionCacheHook(ModelHook):
         self.clear()
         return module
 
+    def reuse(self) -> torch.Tensor:
+        """The cached output, counted as a reuse, for callers that skip the module's call."""
+        self.state.counters.count_attention(self.state.step, cross=True, reused=True)
+        return self.cache
+
     def new_forward(self, module, *args, **kwargs):
         state = self.state
         if state.plan is None:
             return self.fn_ref.original_forward(*args, **kwargs)
         cross = _is_cross_attention_call(args, kwargs)
         action = state.action(cross)
-        counters = state.counters
-        key = (state.step, cross)
         if action is AttentionAction.REUSE and self.cache is not None:
-            counters.attention_reused[key] = counters.attention_reused.get(key, 0) + 1
+            state.counters.count_attention(state.step, cross, reused=True)
             return self.cache
         output = self.fn_ref.original_forward(*args, **kwargs)
-        counters.attention_computed[key] = counters.attention_computed.get(key, 0) + 1
+        state.counters.count_attention(state.step, cross, reused=False)
         if action is AttentionAction.CACHE:
             self.cache = _mean_of_halves(output) if state.average_halves else output
         return output

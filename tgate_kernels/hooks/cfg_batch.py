@@ -70,9 +70,7 @@ class CfgBatchHook(ModelHook):
         batch = _sample_batch(args, kwargs)
         if self.primary and batch is not None:
             state.observe_denoiser_batch(batch)
-            state.counters.denoiser_batches.setdefault(state.step, []).append(
-                batch // 2 if state.halve_batch else batch
-            )
+            state.counters.count_denoiser_call(state.step, batch // 2 if state.halve_batch else batch)
         if not state.halve_batch or batch is None:
             return forward(*args, **kwargs)
         if batch % 2:

@@ -1,0 +1,112 @@
+"""The post-gate fast path of a diffusers ``BasicTransformerBlock``.
+
+After the gate a block's cross-attention output is a cached tensor, yet the block still computes
+``norm2`` for a cross-attention that no longer runs, adds the cached output in a pass of its
+own, and reads the result again for the feed-forward's norm. This hook runs instead
+``attn1`` → one fused op (both residual additions and the feed-forward's LayerNorm, with
+PixArt's modulation) → feed-forward, skipping ``norm2`` and ``attn2`` entirely.
+
+It only takes over when the block is of a shape it knows (SD/SDXL ``layer_norm`` blocks and
+PixArt ``ada_norm_single`` blocks, no GLIGEN, no positional embedding) and the cross-attention
+cache is filled, in a dtype the fused op supports; every other call goes to the block's own
+forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+
+from .. import ops
+from ..schedule import AttentionAction
+from ..state import GenerationState
+from . import attention_cache
+from .registry import attached
+
+HOOK_NAME = "tgate_block_fast_path"
+
+_FAST_NORM_TYPES = ("layer_norm", "ada_norm_single")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports_fast_path(block: torch.nn.Module) -> bool:
+    return (
+        isinstance(block, BasicTransformerBlock)
+        and block.norm_type in _FAST_NORM_TYPES
+        and block.attn2 is not None
+        and not block.only_cross_attention
+        and block.pos_embed is None
+        and not hasattr(block, "fuser")
+        and isinstance(block.norm2 if block.norm_type == "ada_norm_single" else block.norm3, torch.nn.LayerNorm)
+    )
+
+
+class BlockFastPathHook(ModelHook):
+    def __init__(self, state: GenerationState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(
+        self,
+        block,
+        hidden_states,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        timestep=None,
+        cross_attention_kwargs=None,
+        class_labels=None,
+        added_cond_kwargs=None,
+    ):
+        state = self.state
+        cross_hook = attached(block.attn2, attention_cache.HOOK_NAME)
+        if (
+            not state.fused_blocks
+            or state.plan is None
+            or state.plan.cross_attention is not AttentionAction.REUSE
+            or cross_hook is None
+            or cross_hook.cache is None
+            or hidden_states.ndim != 3
+            or hidden_states.dtype not in _FUSED_DTYPES
+            or (cross_attention_kwargs and "gligen" in cross_attention_kwargs)
+        ):
+            return self.fn_ref.original_forward(
+                hidden_states,
+                attention_mask=attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                timestep=timestep,
+                cross_attention_kwargs=cross_attention_kwargs,
+                class_labels=class_labels,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+        pixart = block.norm_type == "ada_norm_single"
+        if pixart:
+            batch = hidden_states.shape[0]
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
+            ).chunk(6, dim=1)
+            norm_hidden_states = block.norm1(hidden_states) * (1 + scale_msa) + shift_msa
+        else:
+            norm_hidden_states = block.norm1(hidden_states)
+        attn_output = block.attn1(
+            norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **(cross_attention_kwargs or {})
+        )
+        cross_output = cross_hook.reuse()
+        if pixart:
+            hidden_states, norm_hidden_states = ops.post_gate_residual_norm(
+                hidden_states, attn_output, cross_output, gate=gate_msa, eps=block.norm2.eps, scale=scale_mlp, shift=shift_mlp
+            )
+        else:
+            norm = block.norm3
+            hidden_states, norm_hidden_states = ops.post_gate_residual_norm(
+                hidden_states, attn_output, cross_output, weight=norm.weight, bias=norm.bias, eps=norm.eps
+            )
+        if block._chunk_size is not None:
+            ff_output = _chunked_feed_forward(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
+        else:
+            ff_output = block.ff(norm_hidden_states)
+        if pixart:
+            ff_output = gate_mlp * ff_output
+        return ff_output + hidden_states
