@@ -1,0 +1,114 @@
+"""The post-gate block fast path: kernels on vs off, what it skips, and torch.compile."""
+
+import numpy as np
+import pytest
+import torch
+
+import tgate_kernels
+from tgate_kernels.api import controller_of
+from tgate_kernels.hooks import block_fast_path
+from tgate_kernels.hooks.registry import attached
+from tgate_kernels.tiny_pipelines import tiny_pixart_alpha, tiny_sd, tiny_sdxl
+
+CASES = {
+    "sd": (tiny_sd, dict(height=32, width=32)),
+    "sdxl": (tiny_sdxl, dict(height=32, width=32)),
+    "pixart": (tiny_pixart_alpha, dict(clean_caption=False)),
+}
+
+
+def call(extra, steps=6):
+    return dict(prompt=["a cat", "a dog"], num_inference_steps=steps, output_type="np",
+                generator=torch.Generator().manual_seed(0), **extra)
+
+
+def _count_calls(modules, state):
+    calls: dict[int, int] = {}
+
+    def count(module, args, output):
+        calls[state.step] = calls.get(state.step, 0) + 1
+
+    for module in modules:
+        module.register_forward_hook(count)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernels_on_and_off_agree_and_the_fast_path_skips_norm2_and_attn2(name):
+    factory, extra = CASES[name]
+    gate = 2
+    off_pipe = tgate_kernels.enable(factory(), gate_step=gate, kernels="off")
+    off = off_pipe(**call(extra)).images
+    on_pipe = tgate_kernels.enable(factory(), gate_step=gate, kernels="auto")
+    controller = controller_of(on_pipe)
+    blocks = controller._fast_blocks
+    assert blocks, "the tiny pipeline has blocks of a known shape"
+    skipped = [b.norm3 if b.norm_type == "layer_norm" else b.attn2 for b in blocks] + [b.attn2 for b in blocks]
+    if blocks[0].norm_type == "layer_norm":
+        skipped += [b.norm2 for b in blocks]
+    calls = _count_calls(skipped, controller.state)
+    on = on_pipe(**call(extra)).images
+    assert float(np.abs(on - off).max()) <= 1e-5
+    assert not np.array_equal(on, off), "the fused path computes in another order: not bit-identical"
+    assert all(calls.get(step, 0) > 0 for step in range(gate)), "before the gate the block's own forward runs"
+    assert all(calls.get(step, 0) == 0 for step in range(gate, 6)), "after the gate norm2/attn2/norm3 never run"
+    # the cached cross-attention was used by every fast block at every post-gate step
+    counters = controller.state.counters
+    assert all(counters.reused(step, cross=True) == len(blocks) for step in range(gate, 6))
+    # off attaches nothing to the blocks
+    assert not any(attached(b, block_fast_path.HOOK_NAME) for b in off_pipe.transformer.modules()) if name == "pixart" \
+        else not any(attached(b, block_fast_path.HOOK_NAME) for b in off_pipe.unet.modules())
+
+
+def test_kernels_off_is_bit_exact_with_the_reference():
+    tgate = pytest.importorskip("tgate")
+    expected = tgate.TgateSDLoader(tiny_sd()).tgate(gate_step=2, **call(CASES["sd"][1])).images
+    ours = tgate_kernels.enable(tiny_sd(), gate_step=2, kernels="off")(**call(CASES["sd"][1])).images
+    assert np.array_equal(ours, expected)
+
+
+def test_switching_kernels_attaches_and_detaches_block_hooks():
+    pipe = tgate_kernels.enable(tiny_sd(), kernels="off")
+    assert controller_of(pipe)._fast_blocks == []
+    tgate_kernels.enable(pipe, kernels="auto")
+    blocks = controller_of(pipe)._fast_blocks
+    assert blocks and all(attached(b, block_fast_path.HOOK_NAME) for b in blocks)
+    tgate_kernels.disable(pipe)
+    assert not any(hasattr(b, "_diffusers_hook") or "forward" in b.__dict__ for b in blocks)
+
+
+def test_bad_kernels_value_is_refused_before_anything_is_modified():
+    pipe = tiny_sd()
+    with pytest.raises(ValueError, match=r"`kernels` must be one of \('auto', 'off'\).*'fast'"):
+        tgate_kernels.enable(pipe, kernels="fast")
+    assert not hasattr(pipe.unet, "_diffusers_hook") and "tgate" not in pipe.__dict__
+
+
+def test_fast_path_falls_back_for_dtypes_the_op_does_not_take():
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=2).to(torch.float64)
+    images = pipe(**call(CASES["sd"][1])).images
+    assert np.isfinite(images).all()
+    assert controller_of(pipe).state.counters.reused(3, cross=True) > 0
+
+
+@pytest.mark.parametrize("kernels", ["auto", "off"])
+def test_torch_compile_fullgraph_with_a_bounded_number_of_graphs(kernels):
+    """One graph per distinct step plan, whatever the number of steps: here warm-up, cache,
+    gate and post-gate (4); at most 6 for any settings (3 self-attention actions before the gate,
+    the gate, 2 after it)."""
+    from torch._dynamo.utils import counters
+
+    settings = dict(gate_step=3, sp_interval=2, warm_up=1, kernels=kernels)
+    eager = tgate_kernels.enable(tiny_sd(), **settings)(**call(CASES["sd"][1], steps=12)).images
+    pipe = tgate_kernels.enable(tiny_sd(), **settings)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet.compile(backend="eager", fullgraph=True)
+    compiled = pipe(**call(CASES["sd"][1], steps=12)).images
+    graphs = counters["stats"]["unique_graphs"]
+    assert float(np.abs(compiled - eager).max()) <= 1e-5
+    assert 1 < graphs <= 6
+    again = pipe(**call(CASES["sd"][1], steps=12)).images
+    assert counters["stats"]["unique_graphs"] == graphs, "a second call compiles nothing new"
+    assert np.array_equal(again, compiled)
+    torch._dynamo.reset()
