@@ -49,7 +49,7 @@ class TgateController:
         self._attention_modules: list = []
         self._fast_blocks: list = []
         self._tracker = GenerationTracker(pipe, self.state, self._settings_for_call, pipeline_uses_cfg)
-        self._had_tgate_attr = "tgate" in pipe.__dict__
+        self._previous_tgate = pipe.__dict__.get("tgate")
 
     def _settings_for_call(self) -> TgateSettings | None:
         if self._call_settings is not None:
@@ -101,8 +101,10 @@ class TgateController:
         for denoiser in self.parts.denoisers:
             detach(denoiser, cfg_batch.HOOK_NAME)
         self._attention_modules = []
-        if not self._had_tgate_attr:
+        if self._previous_tgate is None:
             self.pipe.__dict__.pop("tgate", None)
+        else:
+            self.pipe.tgate = self._previous_tgate
 
     @contextlib.contextmanager
     def settings_for_one_call(self, settings: TgateSettings) -> Iterator[None]:
