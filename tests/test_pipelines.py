@@ -313,3 +313,25 @@ def test_joint_attention_pipelines_are_refused_with_the_supported_list():
         message = str(info.value)
         assert "joint attention" in message and "PixArt" in message and "Stable Diffusion" in message
         assert not hasattr(transformer, "_diffusers_hook")
+
+
+def test_guidance_over_more_than_two_halves_is_refused_cleanly():
+    """InstructPix2Pix runs a triple batch (text, image, unconditional): not T-GATE's two halves."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    base = tiny_sd()
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 8})
+    pipe = StableDiffusionInstructPix2PixPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    tgate_kernels.enable(pipe, gate_step=2)
+    with pytest.raises(RuntimeError, match="batch of two halves; this pipeline runs its denoiser on a batch of 3 for 1"):
+        pipe(prompt="a cat", image=tiny_image(), num_inference_steps=4, output_type="np")
+    assert not controller_of(pipe).state.active
+
+
+def test_controlnet_in_guess_mode_passes_through_at_its_own_batch():
+    pipe = tgate_kernels.enable(tiny_sd_controlnet(), gate_step=2)
+    result = pipe(**_sd_call(image=tiny_image(), guess_mode=True)())
+    assert np.isfinite(result.images).all()
+    batches = controller_of(pipe).state.counters.denoiser_batches
+    assert batches[0] == [4] and batches[3] == [2]

@@ -29,6 +29,7 @@ class GenerationState:
         self.plan: StepPlan | None = None
         self.cfg: bool | None = None
         self.latent_batch: int | None = None
+        self.cfg_batch_call = False
         self._cache_clearers: list[Callable[[], None]] = []
         self.step_listeners: list[StepListener] = []
         self.counters = StepCounters()
@@ -85,6 +86,7 @@ class GenerationState:
             self._reset_after_generation()
 
     def _reset_after_generation(self) -> None:
+        self.cfg_batch_call = False
         self.settings = None
         self.plan = None
         self.cfg = None
@@ -105,6 +107,12 @@ class GenerationState:
         if self.cfg is None:
             self.decide_cfg(self.latent_batch is not None and batch == 2 * self.latent_batch)
 
+    def is_cfg_batch(self, batch: int) -> bool:
+        """Whether a denoiser batch of ``batch`` is the doubled CFG batch."""
+        if self.latent_batch is not None:
+            return batch == 2 * self.latent_batch
+        return batch % 2 == 0
+
     @property
     def halve_batch(self) -> bool:
         """Whether denoiser calls of this step run on one half of the CFG batch."""
@@ -112,7 +120,9 @@ class GenerationState:
 
     @property
     def average_halves(self) -> bool:
-        return bool(self.cfg) and self.plan is not None and self.plan.average_cfg_halves
+        """Whether caches taken now hold the mean of the CFG halves: at the gate step, inside a
+        denoiser call that runs the doubled CFG batch."""
+        return self.cfg_batch_call and self.plan is not None and self.plan.average_cfg_halves
 
     def action(self, cross: bool) -> AttentionAction:
         return self.plan.cross_attention if cross else self.plan.self_attention

@@ -55,7 +55,11 @@ def _duplicate(value):
 
 
 class CfgBatchHook(ModelHook):
-    """``primary`` marks the denoiser whose first call decides CFG when the pipeline did not."""
+    """``primary`` marks the denoiser whose first call decides CFG when the pipeline did not.
+
+    A call whose batch is not a CFG batch passes through untouched: a ControlNet in guess mode,
+    for one, sees only the conditional half.
+    """
 
     def __init__(self, state: GenerationState, primary: bool = True) -> None:
         super().__init__()
@@ -70,11 +74,17 @@ class CfgBatchHook(ModelHook):
         batch = _sample_batch(args, kwargs)
         if self.primary and batch is not None:
             state.observe_denoiser_batch(batch)
+            if state.cfg and not state.is_cfg_batch(batch):
+                raise RuntimeError(
+                    f"T-GATE supports classifier-free guidance over a batch of two halves; this pipeline runs its "
+                    f"denoiser on a batch of {batch} for {state.latent_batch} latents."
+                )
             state.counters.count_denoiser_call(state.step, batch // 2 if state.halve_batch else batch)
-        if not state.halve_batch or batch is None:
+        cfg_call = batch is not None and bool(state.cfg) and state.is_cfg_batch(batch)
+        if not (cfg_call and state.halve_batch):
+            state.cfg_batch_call = cfg_call
             return forward(*args, **kwargs)
-        if batch % 2:
-            raise RuntimeError(f"T-GATE expected a classifier-free-guidance batch (even size), got a denoiser batch of {batch}.")
+        state.cfg_batch_call = False
         second = state.cfg_half == "second"
         output = forward(*_select_half(args, batch, second), **_select_half(kwargs, batch, second))
         return _duplicate(output)

@@ -34,7 +34,8 @@ class _TrackedProgressBar:
         try:
             self._state.end()
         finally:
-            return self._bar.__exit__(*exc_info)
+            suppress = self._bar.__exit__(*exc_info)
+        return suppress
 
     def update(self, n: int = 1):
         self._state.advance(n)
