@@ -1,0 +1,127 @@
+"""The ``tgate-kernels`` command line, end to end, offline, on tiny architectures."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tgate_kernels import cli
+from tgate_kernels.benchmarking.fidelity import tile_size
+
+TINY_BENCH = [
+    "bench",
+    "--models", "tiny-sd,tiny-pixart",
+    "--latency-models", "tiny-sd",
+    "--resolution", "64",
+    "--steps", "4",
+    "--repeats", "1",
+    "--bookkeeping-model", "tiny-sd",
+    "--device", "cpu",
+]
+
+
+def _fails(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bench_end_to_end_on_tiny_architectures(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main([*TINY_BENCH, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny SD (test)" in printed and "Python function calls per denoising step" in printed
+
+    results = json.loads((out / "bench.json").read_text())
+    by_key = {(r["model"], r["variant"]): r for r in results["macs"]}
+    for model in ("tiny-sd", "tiny-pixart"):
+        baseline, gated = by_key[(model, "baseline")], by_key[(model, "tgate")]
+        assert baseline["macs_ratio"] == 1.0
+        assert 0 < gated["macs"] < baseline["macs"]
+        assert gated["macs_with_attention_scores"] - gated["macs"] > 0
+        assert gated["params"] < baseline["params"]
+    variants = {r["variant"]: r for r in results["latency"]}
+    assert {"baseline", "tgate"} <= set(variants)
+    assert all(r["median_s"] > 0 and len(r["seconds"]) == 1 for r in variants.values() if not r["error"])
+    assert variants["tgate"]["gate_step"] == 2  # the seed's 3-of-6 gate scaled to 4 steps
+    assert [r["variant"] for r in results["bookkeeping"]][:2] == ["baseline", "tgate"]
+    assert results["bookkeeping"][0]["calls_per_step"] > 100
+    sweep = [r for r in results["macs_sweep"] if r["model"] == "tiny-sd"]
+    assert [r["gate_step"] for r in sweep] == list(range(7))
+
+    with open(out / "bench.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["table"] for r in rows} == {"macs", "latency", "bookkeeping"}
+    assert Image.open(out / "bench.png").size[0] > 500
+    assert "tiny PixArt (test)" in (out / "bench.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["bench", "--models", "sd15,nope"], "argument --models: unknown model 'nope'; choose from sd15"),
+        (["bench", "--resolution", "100"], "argument --resolution: 100 is not allowed; expected a multiple of 64"),
+        (["bench", "--repeats", "0"], "argument --repeats: 0 is not allowed; expected an integer >= 1"),
+        (["bench", "--steps", "4", "--gate-steps", "2,9"], "argument --gate-steps: 9 is larger than --steps 4"),
+        (["bench", "--gate-steps", "a,b"], "argument --gate-steps: 'a' is not an integer"),
+        (["bench", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["bench", "--device", "tpu"], "argument --device: 'tpu'"),
+        (["bench", "--latency-models", "sdxl-deepcache"], "argument --latency-models: 'sdxl-deepcache' is a MACs-only row"),
+        (["generate", "--model", "x", "--prompt", "p", "--deepcache", "3"], "argument --deepcache: '3' is not INTERVAL,BRANCH"),
+        (["generate", "--prompt", "p"], "the following arguments are required: --model"),
+    ],
+)
+def test_bad_arguments_name_the_argument_the_value_and_what_is_allowed(argv, expected, capsys):
+    assert expected in _fails(argv, capsys)
+
+
+def test_missing_model_says_nothing_is_downloaded(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-pipeline")
+    err = _fails(["generate", "--model", missing, "--prompt", "a cat", "--steps", "2", "--gate-step", "1", "--out", str(tmp_path / "x.png")], capsys)
+    assert "could not load a diffusers pipeline from" in err and "nothing is downloaded" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_no_arguments_prints_help():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "tgate_kernels"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0
+    assert "usage: tgate-kernels" in done.stdout and "bench" in done.stdout and "compare" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_sd(tmp_path_factory):
+    from tgate_kernels.tiny_pipelines import tiny_sd
+
+    folder = tmp_path_factory.mktemp("tiny-sd-pipeline")
+    tiny_sd().save_pretrained(folder)
+    return str(folder)
+
+
+def test_generate_loads_a_saved_pipeline_by_path(saved_tiny_sd, tmp_path, capsys):
+    image_path = tmp_path / "out" / "image.png"
+    argv = ["generate", "--model", saved_tiny_sd, "--prompt", "a red fox", "--steps", "4", "--gate-step", "2", "--out", str(image_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "T-GATE (gate_step=2, 4 steps)" in printed and " s -> " in printed
+    assert Image.open(image_path).size == (32, 32)
+
+
+def test_compare_writes_a_labelled_grid_and_fidelity(saved_tiny_sd, tmp_path, capsys):
+    grid_path = tmp_path / "grid.png"
+    argv = ["compare", "--model", saved_tiny_sd, "--prompt", "a red fox", "--steps", "4", "--gate-steps", "1,3", "--out", str(grid_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR dB" in printed and "SSIM" in printed
+    rows = [line.split() for line in printed.splitlines() if line.startswith("T-GATE")]
+    assert [row[1] for row in rows] == ["1", "3"]
+    for row in rows:
+        psnr, ssim = float(row[3]), float(row[4])
+        assert psnr > 0 and -1 <= ssim <= 1
+    tile_width, tile_height = tile_size((32, 32))
+    assert Image.open(grid_path).size == (3 * tile_width, tile_height)

@@ -1,0 +1,120 @@
+"""The MACs counter against hand-computed counts, and T-GATE's savings against the schedule."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+import tgate_kernels
+from tgate_kernels.benchmarking.architectures import architecture, architectures
+from tgate_kernels.benchmarking.macs import (
+    MacsCount,
+    count_macs,
+    forward_breakdown,
+    generation_macs,
+    planned_generation_macs,
+)
+from tgate_kernels.benchmarking.params import denoiser_params
+from tgate_kernels.schedule import AttentionAction, TgateSettings, plan_generation
+
+
+def test_linear_stack_macs_by_hand():
+    with torch.device("meta"):
+        stack = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8, bias=False))
+        x = torch.zeros(3, 5, 16)
+    counted = count_macs(lambda: stack(x))
+    assert counted == MacsCount(total=3 * 5 * (16 * 32 + 32 * 8), attention_scores=0)
+
+
+def test_attention_macs_by_hand_and_the_score_convention():
+    batch, queries, keys, dim, context_dim, heads = 2, 10, 7, 24, 12, 3
+    with torch.device("meta"):
+        attention = Attention(query_dim=dim, cross_attention_dim=context_dim, heads=heads, dim_head=dim // heads)
+        hidden = torch.zeros(batch, queries, dim)
+        context = torch.zeros(batch, keys, context_dim)
+    counted = count_macs(lambda: attention(hidden, encoder_hidden_states=context))
+    projections = batch * (queries * dim * dim + 2 * keys * context_dim * dim + queries * dim * dim)
+    scores = batch * 2 * queries * keys * dim  # QK^T and PV over all heads
+    assert counted.attention_scores == scores
+    assert counted.without_attention_scores == projections
+    assert counted.total - counted.without_attention_scores == scores
+    assert counted.value(include_attention_scores=True) == projections + scores
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart"])
+def test_engine_savings_equal_the_schedule(name):
+    arch = architecture(name)
+    settings = TgateSettings(**arch.tgate_settings_kwargs())
+    baseline = generation_macs(arch, None)
+    gated = generation_macs(arch, arch.tgate_settings_kwargs())
+    breakdown = forward_breakdown(arch)
+
+    assert baseline == breakdown.total * (2 * arch.steps)
+    # By hand from the plans: CFG batch of 2 up to and including the gate step, 1 after it; an
+    # attention kind is skipped at a step whose plan reuses it once something is cached.
+    expected_saved = MacsCount(0, 0)
+    cached = {False: False, True: False}
+    for plan in plan_generation(settings, arch.steps):
+        batch = 2 if plan.cfg_batch else 1
+        expected_saved += breakdown.total * (2 - batch)
+        for cross, action in ((False, plan.self_attention), (True, plan.cross_attention)):
+            if action is AttentionAction.REUSE and cached[cross]:
+                expected_saved += breakdown.attention(cross) * batch
+            cached[cross] = cached[cross] or action is AttentionAction.CACHE
+    assert baseline - gated == expected_saved
+    assert gated == planned_generation_macs(breakdown, settings, arch.steps, cfg=True)
+    assert expected_saved.total > 0 and expected_saved.attention_scores > 0
+
+
+def test_gate_at_the_end_with_no_self_attention_reuse_saves_nothing():
+    arch = architecture("tiny-sd")
+    plain = generation_macs(arch, None)
+    assert generation_macs(arch, dict(gate_step=arch.steps, sp_interval=1, warm_up=0)) == plain
+
+
+def test_breakdown_splits_self_and_cross_attention():
+    breakdown = forward_breakdown(architecture("tiny-pixart"))
+    # Two transformer blocks of 3 heads x 8 = 24 channels, 16 image tokens, 16 text tokens of 24.
+    tokens, text, dim, blocks = 16, 16, 24, 2
+    assert breakdown.self_attention.without_attention_scores == blocks * 4 * tokens * dim * dim
+    assert breakdown.cross_attention.without_attention_scores == blocks * (2 * tokens * dim * dim + 2 * text * dim * dim)
+    assert breakdown.self_attention.attention_scores == blocks * 2 * tokens * tokens * dim
+    assert breakdown.cross_attention.attention_scores == blocks * 2 * tokens * text * dim
+
+
+def test_seed_sd15_baseline_and_reference_schedule_reproduced():
+    """The seed's SD-1.5 row (16.938T at 512 px, 25 steps, CFG) with attention scores left out."""
+    arch = architecture("sd15")
+    breakdown = forward_breakdown(arch)
+    baseline = planned_generation_macs(breakdown, None, 25, cfg=True)
+    gated = planned_generation_macs(breakdown, TgateSettings(gate_step=10), 25, cfg=True)
+    assert round(baseline.without_attention_scores / 1e12, 2) == 16.93
+    assert abs(baseline.without_attention_scores - 16.938e12) / 16.938e12 < 1e-3
+    assert round(gated.without_attention_scores / 1e12, 2) == 11.38
+
+
+def test_params_of_the_real_configs_match_the_seed():
+    sd15 = denoiser_params(architecture("sd15").build_denoiser("meta"))
+    assert sd15.total == 859_520_964
+    assert round(sd15.after_gate_seed_convention / 1e6, 3) == pytest.approx(815.558, abs=0.002)
+    pixart = denoiser_params(architecture("pixart-alpha").build_denoiser("meta"))
+    assert round(pixart.total / 1e6, 2) == 611.35
+    assert round(pixart.after_gate_seed_convention / 1e6, 2) == 462.58
+    assert pixart.cross_attention_norms == 0  # PixArt's norm2 has no affine parameters
+    assert sd15.cross_attention_norms == 2 * (5 * 320 + 5 * 640 + 6 * 1280)
+
+
+def test_every_shipped_config_builds_on_meta():
+    for arch in architectures().values():
+        model = arch.build_denoiser("meta")
+        assert any(getattr(m, "is_cross_attention", False) for m in model.modules()), arch.name
+
+
+def test_enable_takes_the_loop_driver():
+    from tgate_kernels.benchmarking.denoising_loop import DenoisingLoop
+
+    arch = architecture("tiny-sd")
+    loop = DenoisingLoop(arch, arch.build_denoiser("meta"), cfg=True)
+    tgate_kernels.enable(loop, gate_step=2)
+    assert tgate_kernels.is_enabled(loop)
+    tgate_kernels.disable(loop)
+    assert not tgate_kernels.is_enabled(loop)

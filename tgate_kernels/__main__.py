@@ -1,0 +1,7 @@
+"""``python -m tgate_kernels``: the ``tgate-kernels`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""The real architectures the benchmarks run, from the configs shipped in ``tgate_kernels/configs``.
+
+Each denoiser config is the published diffusers ``config.json`` of the checkpoint; weights are
+random, because neither MACs nor latency depend on their values. ``benchmarks.json`` holds, per
+architecture, the settings of the seed document's benchmark (resolution, steps, gate step, CFG,
+DeepCache) and the numbers of its published table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+
+_CONFIG_PACKAGE = "tgate_kernels.configs"
+_MANIFEST = "benchmarks.json"
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    """One row of the seed document's table (``None`` where it gives no number)."""
+
+    macs: float | None
+    params: float | None
+    latency_s: float | None
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    label: str
+    denoiser_class: str
+    denoiser_config: dict
+    pipeline: str
+    reference_loader: str
+    resolution: int
+    text_tokens: int
+    steps: int
+    gate_step: int
+    cfg: bool
+    sp_interval: int = 5
+    warm_up: int = 2
+    deepcache: dict | None = None
+    scheduler: str | None = None
+    hidden: bool = False
+    seed_baseline: SeedRow | None = None
+    seed_tgate: SeedRow | None = None
+
+    @property
+    def is_unet(self) -> bool:
+        return self.denoiser_class == "UNet2DConditionModel"
+
+    @property
+    def denoiser_attribute(self) -> str:
+        return "unet" if self.is_unet else "transformer"
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.denoiser_config.get("in_channels", 4))
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text-encoder states the pipeline feeds the denoiser."""
+        if self.is_unet:
+            return int(self.denoiser_config["cross_attention_dim"])
+        return int(self.denoiser_config["caption_channels"])
+
+    @property
+    def pooled_text_dim(self) -> int | None:
+        """SDXL's pooled text embedding: what the micro-conditioning projection takes besides the
+        six Fourier-embedded size/crop scalars."""
+        if self.denoiser_config.get("addition_embed_type") != "text_time":
+            return None
+        config = self.denoiser_config
+        return int(config["projection_class_embeddings_input_dim"]) - 6 * int(config["addition_time_embed_dim"])
+
+    @property
+    def time_cond_dim(self) -> int | None:
+        value = self.denoiser_config.get("time_cond_proj_dim")
+        return int(value) if value else None
+
+    @property
+    def uses_additional_conditions(self) -> bool:
+        """PixArt-α at 1024 px takes resolution and aspect-ratio conditions (the model decides
+        from its sample size when the config leaves it unset)."""
+        if self.is_unet:
+            return False
+        value = self.denoiser_config.get("use_additional_conditions")
+        return bool(value) if value is not None else self.denoiser_config.get("sample_size") == 128
+
+    def tgate_settings_kwargs(self, gate_step: int | None = None) -> dict[str, Any]:
+        return dict(
+            gate_step=self.gate_step if gate_step is None else gate_step,
+            sp_interval=self.sp_interval,
+            warm_up=self.warm_up,
+        )
+
+    def build_denoiser(self, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The denoiser with random weights (on ``meta`` it costs neither memory nor time)."""
+        import diffusers
+
+        model_class = getattr(diffusers, self.denoiser_class)
+        config = {k: v for k, v in self.denoiser_config.items() if not k.startswith("_")}
+        previous_dtype = torch.get_default_dtype()
+        # Building in the target dtype avoids a cast (and diffusers' warning about casting).
+        torch.set_default_dtype(dtype if dtype.is_floating_point else previous_dtype)
+        try:
+            with torch.device(device):
+                model = model_class(**config)
+        finally:
+            torch.set_default_dtype(previous_dtype)
+        return model.eval().requires_grad_(False)
+
+
+def _seed_row(data: dict | None) -> SeedRow | None:
+    if data is None:
+        return None
+    return SeedRow(macs=data.get("macs"), params=data.get("params"), latency_s=data.get("latency_s"))
+
+
+def _read_json(filename: str) -> dict:
+    return json.loads(resources.files(_CONFIG_PACKAGE).joinpath(filename).read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=None)
+def architectures() -> dict[str, Architecture]:
+    """Every benchmarked architecture by its CLI name, in the manifest's order."""
+    manifest = _read_json(_MANIFEST)["models"]
+    found: dict[str, Architecture] = {}
+    for name, entry in manifest.items():
+        config = _read_json(entry["denoiser_config"])
+        seed = entry.get("seed") or {}
+        found[name] = Architecture(
+            name=name,
+            label=entry["label"],
+            denoiser_class=config["_class_name"],
+            denoiser_config=config,
+            pipeline=entry["pipeline"],
+            reference_loader=entry["reference_loader"],
+            resolution=int(entry["resolution"]),
+            text_tokens=int(entry["text_tokens"]),
+            steps=int(entry["steps"]),
+            gate_step=int(entry["gate_step"]),
+            cfg=bool(entry["cfg"]),
+            sp_interval=int(entry.get("sp_interval", 5)),
+            warm_up=int(entry.get("warm_up", 2)),
+            deepcache=entry.get("deepcache"),
+            scheduler=entry.get("scheduler"),
+            hidden=bool(entry.get("hidden", False)),
+            seed_baseline=_seed_row(seed.get("baseline")),
+            seed_tgate=_seed_row(seed.get("tgate")),
+        )
+    return found
+
+
+def public_architecture_names() -> list[str]:
+    return [name for name, arch in architectures().items() if not arch.hidden]
+
+
+def architecture(name: str) -> Architecture:
+    try:
+        return architectures()[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(architectures())}") from None

@@ -1,0 +1,106 @@
+"""Driving a denoiser through a whole generation without a pipeline around it.
+
+T-GATE's engine learns the step from a pipeline's ``progress_bar(total=n)`` and the CFG batch
+from its ``do_classifier_free_guidance`` property. :class:`DenoisingLoop` offers exactly that and
+nothing else (no text encoder, VAE or scheduler), so a full-size denoiser can run a generation
+on the ``meta`` device, where counting its MACs costs no compute. The pipeline's own work
+between denoiser calls (scheduler update, guidance arithmetic) is elementwise and holds no MACs.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .architectures import Architecture
+
+
+class _SilentProgressBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def denoiser_inputs(
+    arch: Architecture,
+    batch: int,
+    resolution: int | None = None,
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[tuple, dict[str, Any]]:
+    """Positional and keyword arguments of one denoiser call on a batch of ``batch`` latents,
+    shaped as the architecture's pipeline builds them (VAE factor 8)."""
+    side = (resolution or arch.resolution) // 8
+    make = dict(device=device, dtype=dtype)
+    sample = torch.zeros(batch, arch.latent_channels, side, side, **make)
+    text = torch.zeros(batch, arch.text_tokens, arch.text_dim, **make)
+    timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
+    if arch.is_unet:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": text}
+        if arch.pooled_text_dim is not None:
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.zeros(batch, arch.pooled_text_dim, **make),
+                "time_ids": torch.zeros(batch, 6, **make),
+            }
+        if arch.time_cond_dim is not None:
+            kwargs["timestep_cond"] = torch.zeros(batch, arch.time_cond_dim, **make)
+        return (sample, timestep), kwargs
+    conditions = {"resolution": None, "aspect_ratio": None}
+    if arch.uses_additional_conditions:
+        conditions = {
+            "resolution": torch.zeros(batch, 2, **make),
+            "aspect_ratio": torch.zeros(batch, 1, **make),
+        }
+    kwargs = {
+        "encoder_hidden_states": text,
+        "encoder_attention_mask": torch.ones(batch, arch.text_tokens, **make),
+        "timestep": timestep,
+        "added_cond_kwargs": conditions,
+    }
+    return (sample,), kwargs
+
+
+class DenoisingLoop:
+    """A pipeline-shaped object holding only a denoiser: ``tgate_kernels.enable`` accepts it."""
+
+    def __init__(self, arch: Architecture, denoiser: torch.nn.Module, cfg: bool) -> None:
+        self.arch = arch
+        self._cfg = cfg
+        self.scheduler = SimpleNamespace(timesteps=torch.zeros(0, dtype=torch.long))
+        setattr(self, arch.denoiser_attribute, denoiser)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self, self.arch.denoiser_attribute)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._cfg
+
+    def progress_bar(self, iterable=None, total=None):
+        return _SilentProgressBar() if iterable is None else iterable
+
+    @torch.no_grad()
+    def run(self, steps: int, resolution: int | None = None, device: str | torch.device = "meta", dtype=torch.float32, on_step=None) -> None:
+        """One generation of ``steps`` solver steps, one denoiser call each; ``on_step(step)``
+        runs after each call."""
+        args, kwargs = denoiser_inputs(self.arch, 2 if self._cfg else 1, resolution, device, dtype)
+        # Step-aware helpers (DeepCache) find the step by looking the call's timestep up in the
+        # scheduler's timesteps, as in a pipeline: UNets get the step's timestep as a 0-dim CPU
+        # tensor, which they move to the sample's device themselves.
+        self.scheduler.timesteps = torch.linspace(999, 0, steps).long()
+        with self.progress_bar(total=steps) as bar:
+            for step in range(steps):
+                if self.arch.is_unet:
+                    args = (args[0], self.scheduler.timesteps[step])
+                self.denoiser(*args, **kwargs)
+                if on_step is not None:
+                    on_step(step)
+                bar.update()
