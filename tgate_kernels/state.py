@@ -60,11 +60,16 @@ class GenerationState:
         self.cfg = None
         self.counters.reset()
         self.plan = plan_step(0, settings, gate)
-        if cfg is not None:
-            self.decide_cfg(cfg)
-        for listener in self.step_listeners:
-            listener.generation_started(self)
-            listener.step_started(self)
+        try:
+            if cfg is not None:
+                self.decide_cfg(cfg)
+            for listener in self.step_listeners:
+                listener.generation_started(self)
+                listener.step_started(self)
+        except BaseException:
+            # the pipeline's loop never opens, so nothing else would close the generation
+            self.end()
+            raise
 
     def advance(self, steps: int = 1) -> None:
         """Close ``steps`` solver steps (the pipeline's progress bar moved)."""

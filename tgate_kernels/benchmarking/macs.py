@@ -4,14 +4,18 @@ Counted with ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device
 architectures cost no compute there); MACs = FLOPs / 2. The counter sees matrix products and
 convolutions, which is where all the MACs of these denoisers are.
 
-Counting convention. The attention-score products (QKᵀ and PV, i.e. ``scaled_dot_product_attention``,
-which on ``meta`` decomposes into ``bmm``) are tracked separately: the seed document's baselines
-(counted with calflops, which does not see ``scaled_dot_product_attention``) are reproduced
-exactly when they are left out, so every count carries both numbers.
+Counting convention. The attention-score products (QKᵀ and PV, i.e. ``scaled_dot_product_attention``)
+are tracked separately: the seed document's baselines (counted with calflops, which does not see
+``scaled_dot_product_attention``) are reproduced exactly when they are left out, so every count
+carries both numbers. On ``meta`` that function would decompose into ``bmm``, which a linear
+layer on a non-contiguous batch also dispatches to; while counting, it is therefore routed to the
+single ``_scaled_dot_product_efficient_attention`` operator, so scores are told apart by operator
+alone and batch size cannot move MACs between the two columns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -26,8 +30,6 @@ _aten = torch.ops.aten
 ATTENTION_SCORE_OPS = frozenset(
     op
     for op in (
-        _aten.bmm,
-        _aten.baddbmm,
         getattr(_aten, "_scaled_dot_product_efficient_attention", None),
         getattr(_aten, "_scaled_dot_product_flash_attention", None),
         getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None),
@@ -35,8 +37,30 @@ ATTENTION_SCORE_OPS = frozenset(
     )
     if op is not None
 )
-"""Operators holding attention scores. No other ``bmm`` runs in the supported denoisers: their
-projections, feed-forwards and convolutions are ``mm``/``addmm``/``convolution``."""
+"""Operators holding attention scores (see :func:`attention_as_one_operator`)."""
+
+
+@contextlib.contextmanager
+def attention_as_one_operator():
+    """Route ``F.scaled_dot_product_attention`` on ``meta`` tensors to one counted operator."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+
+    def counted(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or kwargs:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        bias = None
+        if attn_mask is not None:
+            bias = attn_mask.expand(*query.shape[:-1], key.shape[-2])
+        return _aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, False, dropout_p, is_causal, scale=scale
+        )[0]
+
+    functional.scaled_dot_product_attention = counted
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
 
 
 @dataclass(frozen=True)
@@ -81,7 +105,7 @@ def macs_from_op_flops(op_flops: dict) -> MacsCount:
 
 def count_macs(work) -> MacsCount:
     """MACs of everything ``work()`` runs."""
-    with FlopCounterMode(display=False) as counter:
+    with attention_as_one_operator(), FlopCounterMode(display=False) as counter:
         work()
     return macs_from_op_flops(counter.get_flop_counts().get("Global", {}))
 
@@ -146,7 +170,7 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
         if hasattr(module, "is_cross_attention") and hasattr(module, "processor")
     }
     args, kwargs = denoiser_inputs(arch, 1, resolution)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with attention_as_one_operator(), FlopCounterMode(display=False) as counter, torch.no_grad():
         denoiser(*args, **kwargs)
     parts = {False: ZERO, True: ZERO}
     total = ZERO
