@@ -118,3 +118,32 @@ def test_enable_takes_the_loop_driver():
     assert tgate_kernels.is_enabled(loop)
     tgate_kernels.disable(loop)
     assert not tgate_kernels.is_enabled(loop)
+
+
+def test_counts_scale_with_the_batch_in_both_columns():
+    """On ``meta`` SDXL's linear ``proj_in`` runs as ``bmm`` at batch 2 but ``mm`` at batch 1;
+    telling scores by operator type once moved those MACs into the scores column."""
+    from tgate_kernels.benchmarking.architectures import architecture
+    from tgate_kernels.benchmarking.denoising_loop import denoiser_inputs
+    from tgate_kernels.benchmarking.macs import count_macs
+
+    arch = architecture("sdxl")
+    unet = arch.build_denoiser("meta")
+    counts = {}
+    for batch in (1, 2):
+        args, kwargs = denoiser_inputs(arch, batch)
+        with torch.no_grad():
+            counts[batch] = count_macs(lambda: unet(*args, **kwargs))
+    assert counts[2].total == 2 * counts[1].total
+    assert counts[2].attention_scores == 2 * counts[1].attention_scores > 0
+
+
+def test_attention_scores_are_counted_from_the_attention_call():
+    from tgate_kernels.benchmarking.macs import count_macs
+
+    q = torch.zeros(2, 3, 10, 4, device="meta")
+    k = torch.zeros(2, 3, 7, 4, device="meta")
+    v = torch.zeros(2, 3, 7, 5, device="meta")
+    mask = torch.zeros(2, 1, 1, 7, device="meta")
+    counted = count_macs(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert counted.total == counted.attention_scores == 2 * 3 * 10 * 7 * (4 + 5)
