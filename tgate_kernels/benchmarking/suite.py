@@ -256,6 +256,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> dic
             device=options.device,
             dtype=str(options.dtype).replace("torch.", ""),
             reference=options.reference,
+            compile=options.compile,
             bookkeeping_model=options.bookkeeping_model,
         ),
         macs_convention=ATTENTION_SCORES_NOTE,
