@@ -285,9 +285,12 @@ def test_gate_step_beyond_the_steps_is_refused_before_the_call():
         pipe.tgate(PROMPTS, num_inference_steps=4)
     with pytest.raises(ValueError, match="gate_step"):
         tgate_kernels.TgateSDLoader(tiny_sd(), gate_step=30, num_inference_steps=25)
+    # an enabled pipeline learns the steps only when a call runs them (img2img's strength runs
+    # fewer than asked for): a gate beyond them is never reached
     enabled = tgate_kernels.enable(tiny_sd(), gate_step=7)
-    with pytest.raises(ValueError, match=r"\(5\), got 7"):
+    with pytest.warns(UserWarning, match="`gate_step`=7 is beyond the 5 steps this call runs: no step is gated"):
         generate(enabled, steps=5)
+    assert controller_of(enabled).state.counters.denoiser_batches == {step: [4] for step in range(5)}
     assert not controller_of(enabled).state.active
 
 
@@ -307,3 +310,13 @@ def test_pipeline_without_cross_attention_is_refused():
     assert set(pipe.__dict__) == before
     with pytest.raises(ValueError, match="no `unet` or `transformer`"):
         tgate_kernels.enable(object())
+
+
+def test_disabling_inside_the_context_manager_leaves_the_pipeline_disabled_and_enableable():
+    pipe = tgate_kernels.TgateSDLoader(tiny_sd())
+    with tgate_kernels.enabled(pipe, gate_step=2):
+        tgate_kernels.disable(pipe)
+    assert not any(hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())
+    assert controller_of(pipe) is None and "tgate" not in pipe.__dict__
+    tgate_kernels.enable(pipe, gate_step=2)
+    assert tgate_kernels.is_enabled(pipe)

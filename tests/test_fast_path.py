@@ -112,3 +112,25 @@ def test_torch_compile_fullgraph_with_a_bounded_number_of_graphs(kernels):
     assert counters["stats"]["unique_graphs"] == graphs, "a second call compiles nothing new"
     assert np.array_equal(again, compiled)
     torch._dynamo.reset()
+
+
+def test_affine_feed_forward_norm_of_pixart_blocks_is_applied():
+    from diffusers import PixArtTransformer2DModel
+
+    def with_affine_norm():
+        pipe = tiny_pixart_alpha()
+        config = {**pipe.transformer.config, "norm_elementwise_affine": True}
+        torch.manual_seed(3)
+        transformer = PixArtTransformer2DModel.from_config(config)
+        with torch.no_grad():
+            for block in transformer.transformer_blocks:
+                block.norm2.weight.normal_(1.0, 0.5)
+                block.norm2.bias.normal_(0.0, 0.5)
+        pipe.transformer = transformer
+        return pipe
+
+    extra = CASES["pixart"][1]
+    off = tgate_kernels.enable(with_affine_norm(), gate_step=2, kernels="off")(**call(extra)).images
+    on_pipe = tgate_kernels.enable(with_affine_norm(), gate_step=2)
+    assert controller_of(on_pipe)._fast_blocks
+    assert float(np.abs(on_pipe(**call(extra)).images - off).max()) <= 1e-5

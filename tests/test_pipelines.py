@@ -335,3 +335,71 @@ def test_controlnet_in_guess_mode_passes_through_at_its_own_batch():
     assert np.isfinite(result.images).all()
     batches = controller_of(pipe).state.counters.denoiser_batches
     assert batches[0] == [4] and batches[3] == [2]
+
+
+def test_attention_that_adds_its_own_residual_is_refused():
+    """DeepFloyd IF-style UNets: their AttnAddedKV attention returns output + residual."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, norm_num_groups=32,
+        attention_head_dim=8,
+    )
+    assert any(getattr(m, "is_cross_attention", False) for m in unet.modules())
+    pipe = types.SimpleNamespace(unet=unet)
+    with pytest.raises(ValueError, match="adds its own residual"):
+        tgate_kernels.enable(pipe)
+    assert not hasattr(unet, "_diffusers_hook")
+
+
+def test_a_pipeline_sharing_an_enabled_denoiser_gets_a_clear_error():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tgate_kernels.enable(tiny_sd())
+    sibling = StableDiffusionPipeline(**pipe.components)
+    with pytest.raises(ValueError, match="shares its UNet2DConditionModel with another pipeline"):
+        tgate_kernels.enable(sibling)
+    assert "tgate" not in sibling.__dict__ and controller_of(sibling) is None
+    tgate_kernels.disable(pipe)
+    tgate_kernels.enable(sibling)
+    assert controller_of(sibling) is not None
+
+
+def test_fast_path_steps_aside_under_autocast_and_for_offloaded_weights():
+    call = _sd_call()
+    expected = tgate_kernels.enable(tiny_sd(), gate_step=3, kernels="off")
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_off = expected(**call()).images
+        autocast_on = pipe(**call()).images
+    assert np.array_equal(autocast_on, autocast_off)
+
+    from accelerate import cpu_offload
+
+    offloaded = tgate_kernels.enable(tiny_sd(), gate_step=3)
+    cpu_offload(offloaded.unet, execution_device="cpu")
+    assert any(b.norm3.weight.device.type == "meta" for b in controller_of(offloaded)._fast_blocks)
+    assert _diff(offloaded(**call()), expected(**call())) == 0.0
+
+
+def test_disable_keeps_a_diffusers_hook_registered_after_ours_running():
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class CountingHook(ModelHook):
+        calls = 0
+
+        def new_forward(self, module, *args, **kwargs):
+            CountingHook.calls += 1
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    baseline = tiny_sd()(**_sd_call()())
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=3)
+    attention = controller_of(pipe)._attention_modules[0]
+    HookRegistry.check_if_exists_or_initialize(attention).register_hook(CountingHook(), "counting")
+    tgate_kernels.disable(pipe)
+    assert list(attention._diffusers_hook.hooks) == ["counting"]
+    assert _diff(pipe(**_sd_call()()), baseline) == 0.0
+    assert CountingHook.calls == 6, "the hook still runs: once per denoiser call"

@@ -40,14 +40,23 @@ class PipelineParts:
         found = []
         for denoiser in self.denoisers:
             for module in denoiser.modules():
-                if is_attention(module) and id(module) not in seen:
+                if is_cacheable_attention(module) and id(module) not in seen:
                     seen.add(id(module))
                     found.append(module)
         return found
 
 
-def is_attention(module: torch.nn.Module) -> bool:
-    return isinstance(module, (Attention, AttentionModuleMixin))
+def is_cacheable_attention(module: torch.nn.Module) -> bool:
+    """An attention whose whole output can be cached: not one that adds its own residual or
+    rescales (the UNets of DeepFloyd IF, UnCLIP, Kandinsky), where caching the output would
+    freeze the residual stream too."""
+    return (
+        isinstance(module, (Attention, AttentionModuleMixin))
+        and not getattr(module, "residual_connection", False)
+        and getattr(module, "rescale_output_factor", 1.0) == 1.0
+        and getattr(module, "spatial_norm", None) is None
+        and getattr(module, "added_kv_proj_dim", None) is None
+    )
 
 
 def _keeps_conditional_half(denoiser: torch.nn.Module) -> bool:
@@ -69,11 +78,12 @@ def pipeline_parts(pipe) -> PipelineParts:
             f"`pipe` ({type(pipe).__name__}) has no `unet` or `transformer` denoiser module. "
             f"T-GATE supports {SUPPORTED_PIPELINES}."
         )
-    attentions = [m for m in denoiser.modules() if is_attention(m)]
+    attentions = [m for m in denoiser.modules() if is_cacheable_attention(m)]
     if not any(getattr(m, "is_cross_attention", False) for m in attentions):
         raise ValueError(
             f"`pipe` ({type(pipe).__name__}) has a denoiser ({type(denoiser).__name__}) without separate "
-            f"cross-attention layers (joint attention, as in SD3 or FLUX, cannot be gated). "
+            f"cross-attention layers whose output can be cached (joint attention, as in SD3 or FLUX, and "
+            f"attention that adds its own residual, as in DeepFloyd IF, cannot be gated). "
             f"T-GATE supports {SUPPORTED_PIPELINES}."
         )
     controlnet = getattr(pipe, "controlnet", None)

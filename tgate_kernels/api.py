@@ -17,7 +17,7 @@ from .hooks.attention_cache import AttentionCacheHook
 from .hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from .hooks.cfg_batch import CfgBatchHook
 from .hooks.generation import GenerationTracker
-from .hooks.registry import attach, detach
+from .hooks.registry import attach, attached, detach
 from .schedule import TgateSettings
 from .state import GenerationState
 
@@ -58,13 +58,23 @@ class TgateController:
 
     def install(self) -> None:
         for denoiser in self.parts.denoisers:
-            attach(denoiser, CfgBatchHook(self.state, primary=denoiser is self.parts.denoiser), cfg_batch.HOOK_NAME)
-        self._attention_modules = self.parts.attention_modules()
-        for module in self._attention_modules:
-            attach(module, AttentionCacheHook(self.state), attention_cache.HOOK_NAME)
-        self._tracker.install()
-        self.pipe.tgate = types.MethodType(tgate, self.pipe)
-        self.set_kernels("auto")
+            if attached(denoiser, cfg_batch.HOOK_NAME) is not None:
+                raise ValueError(
+                    f"`pipe` shares its {type(denoiser).__name__} with another pipeline T-GATE is enabled on "
+                    f"(pipelines made with `from_pipe` or from another's components do); disable that one first."
+                )
+        try:
+            for denoiser in self.parts.denoisers:
+                attach(denoiser, CfgBatchHook(self.state, primary=denoiser is self.parts.denoiser), cfg_batch.HOOK_NAME)
+            self._attention_modules = self.parts.attention_modules()
+            for module in self._attention_modules:
+                attach(module, AttentionCacheHook(self.state), attention_cache.HOOK_NAME)
+            self._tracker.install()
+            self.pipe.tgate = types.MethodType(tgate, self.pipe)
+            self.set_kernels("auto")
+        except BaseException:
+            self.uninstall()
+            raise
 
     @property
     def kernels(self) -> str:
@@ -93,6 +103,7 @@ class TgateController:
             self.state.step_listeners.append(coordinator)
 
     def uninstall(self) -> None:
+        """Remove everything ``install`` attached; safe on a partial install."""
         self._tracker.uninstall()
         self.set_deepcache(None)
         self.set_kernels("off")
@@ -211,7 +222,7 @@ def enabled(pipe, **settings) -> Iterator:
     finally:
         if previous is None:
             disable(pipe)
-        else:
+        elif controller_of(pipe) is controller:  # unless the body disabled it itself
             controller.settings, controller.gates_plain_calls, deepcache, kernels = previous
             controller.set_deepcache(deepcache)
             controller.set_kernels(kernels)

@@ -98,12 +98,13 @@ class TgateSettings:
         (except ``lcm``, where ``None`` means "detect" and is only kept when not given)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def resolve_gate_step(self, num_steps: int) -> int:
-        """The gate step as an index for a generation of ``num_steps`` solver steps."""
+    def resolve_gate_step(self, num_steps: int, *, beyond_allowed: bool = False) -> int:
+        """The gate step as an index for a generation of ``num_steps`` solver steps. An int gate
+        step beyond them raises, unless ``beyond_allowed`` (then no step is gated)."""
         _check_int("num_inference_steps", num_steps, 1)
         gate = self.gate_step
         if isinstance(gate, numbers.Integral):
-            if gate > num_steps:
+            if gate > num_steps and not beyond_allowed:
                 raise ValueError(
                     f"`gate_step` must be between 0 and the number of steps run ({num_steps}), got {gate!r}."
                 )

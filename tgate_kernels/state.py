@@ -51,7 +51,14 @@ class GenerationState:
     def begin(self, settings: TgateSettings, num_steps: int, cfg: bool | None) -> None:
         """Open a generation of ``num_steps`` solver steps. ``cfg`` is whether the pipeline
         runs a CFG batch, or ``None`` to detect it from the first denoiser call."""
-        gate = settings.resolve_gate_step(num_steps)
+        gate = settings.resolve_gate_step(num_steps, beyond_allowed=True)
+        if gate > num_steps:
+            # img2img's `strength` runs fewer steps than asked for: a gate set for the full
+            # schedule is simply never reached, as with the reference
+            warnings.warn(
+                f"`gate_step`={gate} is beyond the {num_steps} steps this call runs: no step is gated.",
+                stacklevel=4,
+            )
         self.clear_caches()
         self.settings = settings
         self.num_steps = num_steps

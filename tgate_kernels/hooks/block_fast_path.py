@@ -36,16 +36,50 @@ def supports_fast_path(block: torch.nn.Module) -> bool:
         and block.norm_type in _FAST_NORM_TYPES
         and block.attn2 is not None
         and not block.only_cross_attention
+        and not block.double_self_attention
         and block.pos_embed is None
         and not hasattr(block, "fuser")
-        and isinstance(block.norm2 if block.norm_type == "ada_norm_single" else block.norm3, torch.nn.LayerNorm)
+        and isinstance(_feed_forward_norm(block), torch.nn.LayerNorm)
     )
+
+
+def _feed_forward_norm(block) -> torch.nn.Module:
+    return block.norm2 if block.norm_type == "ada_norm_single" else block.norm3
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _same_place(reference: torch.Tensor, *tensors) -> bool:
+    """Whether every given tensor has ``reference``'s dtype and device. Under autocast, or with
+    offloaded weights (accelerate, group offloading: on ``meta`` until their module's own
+    forward loads them), they do not, and the block's own forward must run."""
+    return all(t is None or (t.dtype == reference.dtype and t.device == reference.device) for t in tensors)
 
 
 class BlockFastPathHook(ModelHook):
     def __init__(self, state: GenerationState) -> None:
         super().__init__()
         self.state = state
+
+    def _takes_over(self, block, hidden_states, cross_hook, cross_attention_kwargs) -> bool:
+        state = self.state
+        if (
+            not state.fused_blocks
+            or state.plan is None
+            or state.plan.cross_attention is not AttentionAction.REUSE
+            or cross_hook is None
+            or cross_hook.cache is None
+            or hidden_states.ndim != 3
+            or hidden_states.dtype not in _FUSED_DTYPES
+            or _autocast_enabled(hidden_states.device.type)
+            or (cross_attention_kwargs and "gligen" in cross_attention_kwargs)
+        ):
+            return False
+        norm = _feed_forward_norm(block)
+        modulation = (block.scale_shift_table,) if block.norm_type == "ada_norm_single" else ()
+        return _same_place(hidden_states, norm.weight, norm.bias, cross_hook.cache, *modulation)
 
     def new_forward(
         self,
@@ -59,18 +93,8 @@ class BlockFastPathHook(ModelHook):
         class_labels=None,
         added_cond_kwargs=None,
     ):
-        state = self.state
         cross_hook = attached(block.attn2, attention_cache.HOOK_NAME)
-        if (
-            not state.fused_blocks
-            or state.plan is None
-            or state.plan.cross_attention is not AttentionAction.REUSE
-            or cross_hook is None
-            or cross_hook.cache is None
-            or hidden_states.ndim != 3
-            or hidden_states.dtype not in _FUSED_DTYPES
-            or (cross_attention_kwargs and "gligen" in cross_attention_kwargs)
-        ):
+        if not self._takes_over(block, hidden_states, cross_hook, cross_attention_kwargs):
             return self.fn_ref.original_forward(
                 hidden_states,
                 attention_mask=attention_mask,
@@ -81,6 +105,7 @@ class BlockFastPathHook(ModelHook):
                 class_labels=class_labels,
                 added_cond_kwargs=added_cond_kwargs,
             )
+        norm = _feed_forward_norm(block)
         pixart = block.norm_type == "ada_norm_single"
         if pixart:
             batch = hidden_states.shape[0]
@@ -94,15 +119,10 @@ class BlockFastPathHook(ModelHook):
             norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **(cross_attention_kwargs or {})
         )
         cross_output = cross_hook.reuse()
-        if pixart:
-            hidden_states, norm_hidden_states = ops.post_gate_residual_norm(
-                hidden_states, attn_output, cross_output, gate=gate_msa, eps=block.norm2.eps, scale=scale_mlp, shift=shift_mlp
-            )
-        else:
-            norm = block.norm3
-            hidden_states, norm_hidden_states = ops.post_gate_residual_norm(
-                hidden_states, attn_output, cross_output, weight=norm.weight, bias=norm.bias, eps=norm.eps
-            )
+        modulation = dict(gate=gate_msa, scale=scale_mlp, shift=shift_mlp) if pixart else {}
+        hidden_states, norm_hidden_states = ops.post_gate_residual_norm(
+            hidden_states, attn_output, cross_output, weight=norm.weight, bias=norm.bias, eps=norm.eps, **modulation
+        )
         if block._chunk_size is not None:
             ff_output = _chunked_feed_forward(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
         else:

@@ -70,6 +70,7 @@ class GenerationTracker:
         self.settings_for_call = settings_for_call
         self.detect_cfg = detect_cfg
         self._saved: dict[str, object] = {}
+        self._installed: list[str] = []
 
     def install(self) -> None:
         pipe = self.pipe
@@ -88,7 +89,11 @@ class GenerationTracker:
             else:
                 return original_progress_bar(iterable=iterable, total=total)
             state.begin(settings, num_steps, self.detect_cfg(pipe))
-            bar = original_progress_bar(iterable=iterable, total=total)
+            try:
+                bar = original_progress_bar(iterable=iterable, total=total)
+            except BaseException:
+                state.end()
+                raise
             if iterable is not None:
                 return _tracked_iterable(bar, state)
             return _TrackedProgressBar(bar, state)
@@ -113,4 +118,5 @@ class GenerationTracker:
                 setattr(self.pipe, name, self._saved[name])
             else:
                 self.pipe.__dict__.pop(name, None)
+        self._installed = []
         self.state.end()

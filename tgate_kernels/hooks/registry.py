@@ -4,6 +4,8 @@ diffusers' registry composes with its own caches and offloading hooks. Two thing
 removal, so that a module after ``disable()`` is what it was before ``enable()``:
 
 * removing the last hook leaves an instance ``forward`` and an empty registry behind: both go;
+* a hook registered after ours (a diffusers cache, say) must keep running: ours is taken out of
+  the middle of the chain;
 * accelerate (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) wraps whatever
   ``forward`` it finds and keeps it as ``module._old_forward``. When it wrapped ours, the
   registry must not overwrite accelerate's wrapper: ours is taken out from under it instead.
@@ -31,6 +33,9 @@ def detach(module: torch.nn.Module, name: str) -> None:
     wrapped_by_accelerate = module.__dict__.get("forward") is not our_forward and (
         module.__dict__.get("_old_forward") is our_forward
     )
+    if registry._hook_order[-1] != name:
+        _remove_from_inside_the_chain(registry, name)
+        return
     if wrapped_by_accelerate:
         outer = module.__dict__["forward"]
         module.forward = our_forward
@@ -45,6 +50,23 @@ def detach(module: torch.nn.Module, name: str) -> None:
         module.__dict__.pop("forward", None)
     if not had_registry:
         del module._diffusers_hook
+
+
+def _remove_from_inside_the_chain(registry: HookRegistry, name: str) -> None:
+    """Take out a hook that others were registered after. diffusers' ``remove_hook`` would
+    overwrite the next hook's ``forward``, which for a hook with its own ``new_forward`` is that
+    hook itself; the next hook's ``original_forward`` is what must point past ours."""
+    index = registry._hook_order.index(name)
+    ours, following = registry._fn_refs[index], registry._fn_refs[index + 1]
+    below = ours.original_forward if ours.original_forward is not None else ours.forward
+    if following.original_forward is not None:
+        following.original_forward = below
+    else:
+        following.forward = below
+    hook = registry.hooks.pop(name)
+    registry._hook_order.pop(index)
+    registry._fn_refs.pop(index)
+    hook.deinitalize_hook(registry._module_ref)
 
 
 def attached(module: torch.nn.Module, name: str) -> ModelHook | None:
