@@ -72,7 +72,7 @@ def test_gate_zero_drops_cfg_from_the_start_and_never_caches_cross_attention():
 
 
 @pytest.mark.parametrize(
-    "fraction, steps, expected", [(0.4, 25, 10), (0.5, 5, 2), (0.01, 25, 1), (0.99, 4, 4), (0.3, 10, 3)]
+    "fraction, steps, expected", [(0.4, 25, 10), (0.5, 5, 3), (0.5, 7, 4), (0.01, 25, 1), (0.99, 4, 4), (0.3, 10, 3)]
 )
 def test_fractional_gate_step(fraction, steps, expected):
     assert TgateSettings(gate_step=fraction).resolve_gate_step(steps) == expected

@@ -61,7 +61,7 @@ class TgateSettings:
     """Validated T-GATE settings.
 
     ``gate_step`` is a step index (int, ``0 <= gate_step <= num_inference_steps``) or a fraction
-    of the steps actually run (float in (0, 1), rounded to the nearest step, at least 1).
+    of the steps actually run (float in (0, 1), rounded half up to a step, at least 1).
     ``lcm`` is a hint that the pipeline runs without a CFG batch; ``None`` detects it. The
     detection always decides, so two different samples are never averaged together.
     """
@@ -109,7 +109,7 @@ class TgateSettings:
                     f"`gate_step` must be between 0 and the number of steps run ({num_steps}), got {gate!r}."
                 )
             return int(gate)
-        return min(num_steps, max(1, int(round(float(gate) * num_steps))))
+        return min(num_steps, max(1, math.floor(float(gate) * num_steps + 0.5)))
 
 
 def plan_step(step: int, settings: TgateSettings, gate_step: int) -> StepPlan:
