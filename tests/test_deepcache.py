@@ -153,3 +153,12 @@ def test_deepcache_on_a_transformer_pipeline_is_refused():
 
     with pytest.raises(ValueError, match="needs a pipeline with a UNet"):
         tgate_kernels.enable(tiny_pixart_alpha(), deepcache={"cache_interval": 3, "cache_branch_id": 0})
+
+
+def test_a_plain_loader_after_a_deepcache_loader_is_t_gate_alone():
+    pipe = tgate_kernels.TgateSDDeepCacheLoader(tiny_sd(), cache_interval=2, cache_branch_id=0)
+    tgate_kernels.TgateSDLoader(pipe, gate_step=3)
+    controller = controller_of(pipe)
+    assert controller.deepcache is None and controller.settings.sp_interval == 5
+    expected = tgate_kernels.TgateSDLoader(tiny_sd(), gate_step=3).tgate(**call())
+    assert _diff(pipe.tgate(**call()), expected) == 0.0

@@ -21,7 +21,7 @@ def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_inte
     controller.settings = settings
     if num_inference_steps is not None:
         controller.num_inference_steps = num_inference_steps
-    if coordinator is not None:
+    if deepcache is not None:
         controller.set_deepcache(coordinator)
     return pipe
 
@@ -36,14 +36,16 @@ def _make_loader(name: str, defaults: TgateSettings, family: str):
         warm_up: int | None = None,
         lcm: bool | None = None,
     ):
-        return _load(pipe, defaults, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm)
+        # a plain loader is T-GATE alone: it takes away DeepCache a DeepCache loader added
+        return _load(pipe, defaults, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, False)
 
     loader.__name__ = loader.__qualname__ = name
     loader.__doc__ = (
         f"Attach T-GATE to a {family} pipeline and give it ``pipe.tgate(...)``; returns ``pipe``.\n\n"
         f"Defaults: gate_step={defaults.gate_step}, sp_interval={defaults.sp_interval}, "
         f"fi_interval={defaults.fi_interval}, warm_up={defaults.warm_up}. Values given here become the "
-        f"defaults of ``pipe.tgate``; values given to ``pipe.tgate`` win."
+        f"defaults of ``pipe.tgate``; values given to ``pipe.tgate`` win. T-GATE alone: DeepCache added by a "
+        f"DeepCache loader is taken away."
     )
     return loader
 
