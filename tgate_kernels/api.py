@@ -88,7 +88,8 @@ class TgateController:
                 block for denoiser in self.parts.denoisers for block in denoiser.modules() if supports_fast_path(block)
             ]
             for block in self._fast_blocks:
-                attach(block, BlockFastPathHook(self.state), block_fast_path.HOOK_NAME)
+                cross_cache = attached(block.attn2, attention_cache.HOOK_NAME)
+                attach(block, BlockFastPathHook(self.state, cross_cache), block_fast_path.HOOK_NAME)
         elif not fused:
             for block in self._fast_blocks:
                 detach(block, block_fast_path.HOOK_NAME)
@@ -182,14 +183,21 @@ def enable(
     """
     settings = TgateSettings(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     _check_kernels(kernels)
+    controller = configure(pipe, settings, deepcache)
+    controller.gates_plain_calls = True
+    controller.set_kernels(kernels)
+    return pipe
+
+
+def configure(pipe, settings: TgateSettings, deepcache: dict | bool | None = None) -> TgateController:
+    """Give ``pipe`` these settings and DeepCache option (``None`` leaves DeepCache as it is),
+    attaching T-GATE first if needed; everything is validated before anything is modified."""
     coordinator = deepcache_option(pipe, deepcache)
     controller = attach_controller(pipe, settings)
     controller.settings = settings
-    controller.gates_plain_calls = True
-    controller.set_kernels(kernels)
     if deepcache is not None:
         controller.set_deepcache(coordinator)
-    return pipe
+    return controller
 
 
 def deepcache_option(pipe, option) -> DeepCacheCoordinator | None:

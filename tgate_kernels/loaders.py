@@ -8,7 +8,7 @@ ordinary ``pipe(...)`` call as it was unless the pipeline was also ``enable``-d.
 
 from __future__ import annotations
 
-from .api import attach_controller, deepcache_option
+from .api import configure
 from .schedule import TgateSettings
 
 
@@ -16,13 +16,9 @@ def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_inte
     settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     if num_inference_steps is not None:
         settings.resolve_gate_step(num_inference_steps)
-    coordinator = deepcache_option(pipe, deepcache)
-    controller = attach_controller(pipe, settings)
-    controller.settings = settings
+    controller = configure(pipe, settings, deepcache)
     if num_inference_steps is not None:
         controller.num_inference_steps = num_inference_steps
-    if deepcache is not None:
-        controller.set_deepcache(coordinator)
     return pipe
 
 

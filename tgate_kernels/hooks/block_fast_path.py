@@ -21,8 +21,7 @@ from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forw
 from .. import ops
 from ..schedule import AttentionAction
 from ..state import GenerationState
-from . import attention_cache
-from .registry import attached
+from .attention_cache import AttentionCacheHook
 
 HOOK_NAME = "tgate_block_fast_path"
 
@@ -59,9 +58,12 @@ def _same_place(reference: torch.Tensor, *tensors) -> bool:
 
 
 class BlockFastPathHook(ModelHook):
-    def __init__(self, state: GenerationState) -> None:
+    """``cross_cache`` is the cache hook of the block's ``attn2``, attached before this one."""
+
+    def __init__(self, state: GenerationState, cross_cache: AttentionCacheHook | None) -> None:
         super().__init__()
         self.state = state
+        self.cross_cache = cross_cache
 
     def _takes_over(self, block, hidden_states, cross_hook, cross_attention_kwargs) -> bool:
         state = self.state
@@ -93,7 +95,7 @@ class BlockFastPathHook(ModelHook):
         class_labels=None,
         added_cond_kwargs=None,
     ):
-        cross_hook = attached(block.attn2, attention_cache.HOOK_NAME)
+        cross_hook = self.cross_cache
         if not self._takes_over(block, hidden_states, cross_hook, cross_attention_kwargs):
             return self.fn_ref.original_forward(
                 hidden_states,
