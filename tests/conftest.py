@@ -1,13 +1,61 @@
-import os
+"""Helpers every test module shares: one way to generate, one way to compare, the reference.
 
+The tiny pipelines themselves live in ``tests/fixtures``.
+"""
+
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
+from fixtures.tiny_pipelines import (  # noqa: E402
+    tiny_generation_kwargs,
+    tiny_lcm_sdxl,
+    tiny_pixart_alpha,
+    tiny_pixart_sigma,
+    tiny_sd,
+    tiny_sdxl,
+    tiny_svd,
+)
+
 PROMPTS = ["a photo of a cat", "a red car in the snow"]
 NEGATIVE = ["blurry", "low quality"]
+
+FACTORIES = {
+    "sd": tiny_sd,
+    "sdxl": tiny_sdxl,
+    "lcm-sdxl": tiny_lcm_sdxl,
+    "pixart-alpha": tiny_pixart_alpha,
+    "pixart-sigma": tiny_pixart_sigma,
+    "svd": tiny_svd,
+}
+
+REFERENCE_LOADERS = {
+    # pipeline: (reference loader, settings only the reference's `pipe.tgate` takes)
+    "sd": ("TgateSDLoader", {}),
+    "sdxl": ("TgateSDXLLoader", {}),
+    "lcm-sdxl": ("TgateSDXLLoader", {"lcm": True}),
+    "pixart-alpha": ("TgatePixArtAlphaLoader", {}),
+    "pixart-sigma": ("TgatePixArtSigmaLoader", {}),
+    "svd": ("TgateSVDLoader", {}),
+}
+
+DEEPCACHE_LOADERS = {"sd": "TgateSDDeepCacheLoader", "sdxl": "TgateSDXLDeepCacheLoader"}
+
+TINY_ARCHITECTURES = str(Path(__file__).parent / "fixtures" / "configs" / "benchmarks.json")
+"""Tiny architectures for the benchmark tests, in the manifest format ``--architectures`` reads."""
+
+
+def tiny_architecture(name):
+    from tgate_kernels.benchmarking.architectures import architecture
+
+    return architecture(name, (TINY_ARCHITECTURES,))
 
 
 def generate(pipe, method=None, *, steps=6, seed=0, prompt=PROMPTS, negative=NEGATIVE, **kwargs):
@@ -18,17 +66,47 @@ def generate(pipe, method=None, *, steps=6, seed=0, prompt=PROMPTS, negative=NEG
     kwargs.setdefault("width", 32)
     if negative is not None:
         kwargs["negative_prompt"] = negative
-    return method(
-        prompt,
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(seed),
-        **kwargs,
-    ).images
+    return method(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
-@pytest.fixture
-def max_abs_diff():
-    def diff(a, b):
-        return float(abs(torch.as_tensor(a).double() - torch.as_tensor(b).double()).max())
+def output_of(result) -> np.ndarray:
+    """The images, frames or audio of a pipeline result (or an array or tensor), as float64."""
+    for name in ("frames", "images", "audios"):
+        if hasattr(result, name):
+            result = getattr(result, name)
+            break
+    if isinstance(result, torch.Tensor):
+        result = result.detach().cpu().double().numpy()
+    return np.asarray(result, dtype=np.float64)
 
-    return diff
+
+def max_abs_diff(a, b) -> float:
+    return float(np.abs(output_of(a) - output_of(b)).max())
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The reference ``tgate`` package (1.0.0). Missing, it fails the tests that compare against
+    it when ``TGATE_KERNELS_REQUIRE_REFERENCE=1`` (as the README's test command sets), and skips
+    them otherwise."""
+    try:
+        return importlib.import_module("tgate")
+    except ImportError as error:
+        message = f"the reference `tgate==1.0.0` is not installed ({error})"
+        if os.environ.get("TGATE_KERNELS_REQUIRE_REFERENCE") == "1":
+            pytest.fail(message + " and TGATE_KERNELS_REQUIRE_REFERENCE=1")
+        pytest.skip(message)
+
+
+def reference_generation(tgate, name, call_kwargs, *, loader_kwargs=None, loader=None, **settings):
+    """The reference's ``pipe.tgate`` on a fresh tiny pipeline (its caches outlive calls)."""
+    loader_name, reference_only = REFERENCE_LOADERS[name]
+    pipe = getattr(tgate, loader or loader_name)(FACTORIES[name](), **(loader_kwargs or {}))
+    return pipe.tgate(**settings, **(reference_only if loader is None else {}), **call_kwargs)
+
+
+def tiny_call(name, steps=5, **overrides):
+    """Keyword arguments of one guided call of the tiny pipeline ``name``."""
+    kwargs = tiny_generation_kwargs(name, num_inference_steps=steps)
+    kwargs.update(overrides)
+    return kwargs

@@ -12,14 +12,17 @@ from PIL import Image
 from tgate_kernels import cli
 from tgate_kernels.benchmarking.fidelity import tile_size
 
+from conftest import TINY_ARCHITECTURES
+
 TINY_BENCH = [
     "bench",
+    "--architectures", TINY_ARCHITECTURES,
     "--models", "tiny-sd,tiny-pixart",
     "--latency-models", "tiny-sd",
     "--resolution", "64",
     "--steps", "4",
     "--repeats", "1",
-    "--bookkeeping-model", "tiny-sd",
+    "--python-calls-model", "tiny-sd",
     "--device", "cpu",
 ]
 
@@ -34,7 +37,11 @@ def _fails(argv, capsys) -> str:
 def test_bench_end_to_end_on_tiny_architectures(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli.main([*TINY_BENCH, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    progress = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("bench")]
+    done, total = progress[-1].split("|")[2].split()[0].split("/")
+    assert done == total, "the progress bar ends where its total says"
     assert "tiny SD (test)" in printed and "Python function calls per denoising step" in printed
 
     results = json.loads((out / "bench.json").read_text())
@@ -48,15 +55,15 @@ def test_bench_end_to_end_on_tiny_architectures(tmp_path, capsys):
     variants = {r["variant"]: r for r in results["latency"]}
     assert {"baseline", "tgate"} <= set(variants)
     assert all(r["median_s"] > 0 and len(r["seconds"]) == 1 for r in variants.values() if not r["error"])
-    assert variants["tgate"]["gate_step"] == 2  # the seed's 3-of-6 gate scaled to 4 steps
-    assert [r["variant"] for r in results["bookkeeping"]][:2] == ["baseline", "tgate"]
-    assert results["bookkeeping"][0]["calls_per_step"] > 100
+    assert variants["tgate"]["gate_step"] == 2  # the published-style 3-of-6 gate scaled to 4 steps
+    assert [r["variant"] for r in results["python_calls"]] == ["baseline", "tgate", "reference"]
+    assert results["python_calls"][0]["calls_per_step"] > 100
     sweep = [r for r in results["macs_sweep"] if r["model"] == "tiny-sd"]
     assert [r["gate_step"] for r in sweep] == list(range(7))
 
     with open(out / "bench.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["table"] for r in rows} == {"macs", "latency", "bookkeeping"}
+    assert {r["table"] for r in rows} == {"macs", "macs_sweep", "latency", "python_calls"}
     assert Image.open(out / "bench.png").size[0] > 500
     assert "tiny PixArt (test)" in (out / "bench.txt").read_text()
 
@@ -65,6 +72,8 @@ def test_bench_end_to_end_on_tiny_architectures(tmp_path, capsys):
     "argv, expected",
     [
         (["bench", "--models", "sd15,nope"], "argument --models: unknown model 'nope'; choose from sd15"),
+        (["bench", "--python-calls-model", "all"], "argument --python-calls-model: 'all' is not one model"),
+        (["bench", "--architectures", "missing.json"], "argument --architectures: "),
         (["bench", "--resolution", "100"], "argument --resolution: 100 is not allowed; expected a multiple of 64"),
         (["bench", "--repeats", "0"], "argument --repeats: 0 is not allowed; expected an integer >= 1"),
         (["bench", "--steps", "4", "--gate-steps", "2,9"], "argument --gate-steps: 9 is larger than --steps 4"),
@@ -96,32 +105,55 @@ def test_no_arguments_prints_help():
 
 @pytest.fixture(scope="module")
 def saved_tiny_sd(tmp_path_factory):
-    from tgate_kernels.tiny_pipelines import tiny_sd
+    from fixtures.tiny_pipelines import tiny_sd
 
     folder = tmp_path_factory.mktemp("tiny-sd-pipeline")
     tiny_sd().save_pretrained(folder)
     return str(folder)
 
 
+def _pipeline_image(folder: str, gate_step: int | None, steps: int = 4):
+    """What ``generate`` should have written: the saved pipeline's image at seed 0, gated or not."""
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    import tgate_kernels
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if gate_step is not None:
+        tgate_kernels.enable(pipe, gate_step=gate_step)
+    image = pipe(prompt="a red fox", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    return np.asarray(image, dtype=np.int16)
+
+
 def test_generate_loads_a_saved_pipeline_by_path(saved_tiny_sd, tmp_path, capsys):
+    import numpy as np
+
     image_path = tmp_path / "out" / "image.png"
     argv = ["generate", "--model", saved_tiny_sd, "--prompt", "a red fox", "--steps", "4", "--gate-step", "2", "--out", str(image_path)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "T-GATE (gate_step=2, 4 steps)" in printed and " s -> " in printed
-    assert Image.open(image_path).size == (32, 32)
+    written = np.asarray(Image.open(image_path), dtype=np.int16)
+    assert written.shape == (32, 32, 3)
+    assert np.array_equal(written, _pipeline_image(saved_tiny_sd, gate_step=2)), "the gated image was written"
+    assert not np.array_equal(written, _pipeline_image(saved_tiny_sd, gate_step=None)), "gating changed the image"
 
 
 def test_compare_writes_a_labelled_grid_and_fidelity(saved_tiny_sd, tmp_path, capsys):
     grid_path = tmp_path / "grid.png"
-    argv = ["compare", "--model", saved_tiny_sd, "--prompt", "a red fox", "--steps", "4", "--gate-steps", "1,3", "--out", str(grid_path)]
+    argv = ["compare", "--model", saved_tiny_sd, "--prompt", "a red fox", "--steps", "4", "--gate-steps", "1,2", "--out", str(grid_path)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "PSNR dB" in printed and "SSIM" in printed
     rows = [line.split() for line in printed.splitlines() if line.startswith("T-GATE")]
-    assert [row[1] for row in rows] == ["1", "3"]
+    assert [row[1] for row in rows] == ["1", "2"]
     for row in rows:
         psnr, ssim = float(row[3]), float(row[4])
-        assert psnr > 0 and -1 <= ssim <= 1
+        assert 0 < psnr < 100 and -1 <= ssim <= 1, "T-GATE changed the image (an unchanged one has infinite PSNR)"
+    psnr_gate_1, psnr_gate_2 = (float(row[3]) for row in rows)
+    assert psnr_gate_1 < psnr_gate_2, "a later gate stays closer to the ungated image"
     tile_width, tile_height = tile_size((32, 32))
     assert Image.open(grid_path).size == (3 * tile_width, tile_height)

@@ -6,26 +6,22 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.api import controller_of
-from tgate_kernels.tiny_pipelines import tiny_image, tiny_sd, tiny_sdxl
+from fixtures.tiny_pipelines import tiny_image, tiny_pixart_alpha, tiny_sd, tiny_sdxl
 
-FACTORIES = {"sd": tiny_sd, "sdxl": tiny_sdxl}
-LOADERS = {"sd": "TgateSDDeepCacheLoader", "sdxl": "TgateSDXLDeepCacheLoader"}
+from conftest import DEEPCACHE_LOADERS as LOADERS
+from conftest import FACTORIES
+from conftest import max_abs_diff as _diff
 
 
 def call(**extra):
-    return dict(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], num_inference_steps=8, height=32,
-                width=32, output_type="np", generator=torch.Generator().manual_seed(0), **extra)
-
-
-def _diff(a, b):
-    return float(np.abs(np.asarray(a.images, dtype=np.float64) - b.images).max())
+    return dict(dict(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], num_inference_steps=8, height=32,
+                     width=32, output_type="np", generator=torch.Generator().manual_seed(0)), **extra)
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 @pytest.mark.parametrize("gate, interval, branch", [(3, 3, 0), (4, 2, 1), (1, 3, 0)])
-def test_parity_with_reference_deepcache_loaders(family, gate, interval, branch):
-    tgate = pytest.importorskip("tgate")
+def test_parity_with_reference_deepcache_loaders(family, gate, interval, branch, reference):
+    tgate = reference
     reference = getattr(tgate, LOADERS[family])(FACTORIES[family](), cache_interval=interval, cache_branch_id=branch)
     expected = reference.tgate(gate_step=gate, **call())
 
@@ -38,23 +34,28 @@ def test_parity_with_reference_deepcache_loaders(family, gate, interval, branch)
 
 
 def _count_full_passes(pipe):
-    """A full UNet pass runs the mid block's resnets; DeepCache's shallow passes skip them."""
+    """A full UNet pass runs the mid block's resnets; DeepCache's shallow passes skip them. Steps
+    are counted by the progress bar's updates, as the pipeline counts them."""
     passes: dict[int, int] = {}
-    state = controller_of(pipe).state
+    step = [0]
 
     def count(module, args, output):
-        passes[state.step] = passes.get(state.step, 0) + 1
+        passes[step[0]] = passes.get(step[0], 0) + 1
+
+    def next_step(pipe_, i, t, callback_kwargs):
+        step[0] = i + 1
+        return callback_kwargs
 
     pipe.unet.mid_block.resnets[0].register_forward_hook(count)
-    return passes
+    return passes, next_step
 
 
 @pytest.mark.parametrize("gate, interval", [(4, 3), (5, 2), (2, 4)])
 def test_full_and_shallow_passes_follow_cache_interval_and_the_gate(gate, interval):
     steps = 10
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=gate, deepcache={"cache_interval": interval, "cache_branch_id": 0})
-    passes = _count_full_passes(pipe)
-    pipe(**call() | {"num_inference_steps": steps})
+    passes, next_step = _count_full_passes(pipe)
+    pipe(**call(num_inference_steps=steps, callback_on_step_end=next_step))
     before_gate = {s for s in range(gate - 1) if s % interval == 0}
     restarted = {gate - 1, *range(gate, steps, interval)}
     assert set(passes) == before_gate | restarted
@@ -69,8 +70,8 @@ def _deepcache_residue(pipe):
 def test_no_deepcache_state_between_calls_or_after_an_exception():
     pipe = tgate_kernels.TgateSDDeepCacheLoader(tiny_sd(), cache_interval=2, cache_branch_id=0)
     first = pipe.tgate(gate_step=3, **call())
-    helper = controller_of(pipe).deepcache.helper
-    assert _deepcache_residue(pipe) == [] and helper.cached_output == {}
+    assert tgate_kernels.view(pipe).deepcache == {"cache_interval": 2, "cache_branch_id": 0}
+    assert _deepcache_residue(pipe) == []
 
     def explode(pipe_, step, timestep, callback_kwargs):
         if step == 4:
@@ -79,8 +80,7 @@ def test_no_deepcache_state_between_calls_or_after_an_exception():
 
     with pytest.raises(RuntimeError, match="boom"):
         pipe.tgate(gate_step=3, callback_on_step_end=explode, **call())
-    assert _deepcache_residue(pipe) == [] and helper.cached_output == {}
-    assert not controller_of(pipe).state.active
+    assert _deepcache_residue(pipe) == []
     assert _diff(pipe.tgate(gate_step=3, **call()), first) == 0.0
 
 
@@ -99,7 +99,7 @@ def test_disable_removes_both_in_any_order(order):
         gated = pipe(**call())
     else:
         gated = tgate_kernels.enable(pipe, gate_step=3, deepcache={"cache_interval": 3, "cache_branch_id": 0})(**call())
-    assert controller_of(pipe).deepcache is not None
+    assert tgate_kernels.view(pipe).deepcache is not None
     assert _diff(gated, baseline) > 0
     tgate_kernels.disable(pipe)
     assert not any("forward" in m.__dict__ or hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())
@@ -112,9 +112,9 @@ def test_img2img_with_deepcache_through_enable():
     pipe = StableDiffusionImg2ImgPipeline.from_pipe(tiny_sd())
     baseline = pipe(**call(image=tiny_image(), strength=0.75))
     tgate_kernels.enable(pipe, gate_step=2, deepcache={"cache_interval": 2, "cache_branch_id": 0})
-    passes = _count_full_passes(pipe)
-    gated = pipe(**call(image=tiny_image(), strength=0.75))
-    assert controller_of(pipe).state.num_steps == 6
+    passes, next_step = _count_full_passes(pipe)
+    gated = pipe(**call(image=tiny_image(), strength=0.75, callback_on_step_end=next_step))
+    assert tgate_kernels.view(pipe).last_generation.num_steps == 6
     assert set(passes) == {0, 1, 2, 4}
     assert 0 < _diff(gated, baseline) < 0.5
     tgate_kernels.disable(pipe)
@@ -124,9 +124,9 @@ def test_img2img_with_deepcache_through_enable():
 def test_enable_false_removes_deepcache_and_none_keeps_it():
     pipe = tgate_kernels.enable(tiny_sd(), deepcache={"cache_interval": 2, "cache_branch_id": 0})
     tgate_kernels.enable(pipe, gate_step=4)
-    assert controller_of(pipe).deepcache is not None
+    assert tgate_kernels.view(pipe).deepcache == {"cache_interval": 2, "cache_branch_id": 0}
     tgate_kernels.enable(pipe, gate_step=4, deepcache=False)
-    assert controller_of(pipe).deepcache is None
+    assert tgate_kernels.view(pipe).deepcache is None
 
 
 @pytest.mark.parametrize(
@@ -135,6 +135,7 @@ def test_enable_false_removes_deepcache_and_none_keeps_it():
         ({"cache_interval": 0, "cache_branch_id": 0}, ValueError, ["cache_interval", "0", ">= 1"]),
         ({"cache_interval": 3, "cache_branch_id": -1}, ValueError, ["cache_branch_id", "-1"]),
         ({"cache_interval": 3, "cache_branch_id": 99}, ValueError, ["cache_branch_id", "99", "below 6"]),
+        ({"cache_interval": 2.0, "cache_branch_id": 0}, TypeError, ["cache_interval", "2.0", "float"]),
         ({"interval": 3}, ValueError, ["interval", "cache_interval"]),
         (3, TypeError, ["deepcache", "3"]),
     ],
@@ -149,8 +150,6 @@ def test_bad_deepcache_options_are_refused_before_anything_is_modified(option, e
 
 
 def test_deepcache_on_a_transformer_pipeline_is_refused():
-    from tgate_kernels.tiny_pipelines import tiny_pixart_alpha
-
     with pytest.raises(ValueError, match="needs a pipeline with a UNet"):
         tgate_kernels.enable(tiny_pixart_alpha(), deepcache={"cache_interval": 3, "cache_branch_id": 0})
 
@@ -158,7 +157,7 @@ def test_deepcache_on_a_transformer_pipeline_is_refused():
 def test_a_plain_loader_after_a_deepcache_loader_is_t_gate_alone():
     pipe = tgate_kernels.TgateSDDeepCacheLoader(tiny_sd(), cache_interval=2, cache_branch_id=0)
     tgate_kernels.TgateSDLoader(pipe, gate_step=3)
-    controller = controller_of(pipe)
-    assert controller.deepcache is None and controller.settings.sp_interval == 5
+    view = tgate_kernels.view(pipe)
+    assert view.deepcache is None and view.settings.sp_interval == 5
     expected = tgate_kernels.TgateSDLoader(tiny_sd(), gate_step=3).tgate(**call())
     assert _diff(pipe.tgate(**call()), expected) == 0.0

@@ -5,10 +5,7 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.api import controller_of
-from tgate_kernels.hooks import block_fast_path
-from tgate_kernels.hooks.registry import attached
-from tgate_kernels.tiny_pipelines import tiny_pixart_alpha, tiny_sd, tiny_sdxl
+from fixtures.tiny_pipelines import tiny_pixart_alpha, tiny_sd, tiny_sdxl
 
 CASES = {
     "sd": (tiny_sd, dict(height=32, width=32)),
@@ -22,14 +19,23 @@ def call(extra, steps=6):
                 generator=torch.Generator().manual_seed(0), **extra)
 
 
-def _count_calls(modules, state):
+def _count_calls(pipe, modules):
+    """Calls of ``modules`` per step, the step counted by the scheduler's steps (one denoiser call
+    each with the schedulers used here)."""
     calls: dict[int, int] = {}
+    step = [0]
+    scheduler_step = pipe.scheduler.step
 
     def count(module, args, output):
-        calls[state.step] = calls.get(state.step, 0) + 1
+        calls[step[0]] = calls.get(step[0], 0) + 1
+
+    def counting_step(*args, **kwargs):
+        step[0] += 1
+        return scheduler_step(*args, **kwargs)
 
     for module in modules:
         module.register_forward_hook(count)
+    pipe.scheduler.step = counting_step
     return calls
 
 
@@ -40,28 +46,27 @@ def test_kernels_on_and_off_agree_and_the_fast_path_skips_norm2_and_attn2(name):
     off_pipe = tgate_kernels.enable(factory(), gate_step=gate, kernels="off")
     off = off_pipe(**call(extra)).images
     on_pipe = tgate_kernels.enable(factory(), gate_step=gate, kernels="auto")
-    controller = controller_of(on_pipe)
-    blocks = controller._fast_blocks
+    view = tgate_kernels.view(on_pipe)
+    blocks = view.fast_blocks
     assert blocks, "the tiny pipeline has blocks of a known shape"
     skipped = [b.norm3 if b.norm_type == "layer_norm" else b.attn2 for b in blocks] + [b.attn2 for b in blocks]
     if blocks[0].norm_type == "layer_norm":
         skipped += [b.norm2 for b in blocks]
-    calls = _count_calls(skipped, controller.state)
-    on = on_pipe(**call(extra)).images
+    calls = _count_calls(on_pipe, skipped)
+    with view.record() as record:
+        on = on_pipe(**call(extra)).images
     assert float(np.abs(on - off).max()) <= 1e-5
-    assert not np.array_equal(on, off), "the fused path computes in another order: not bit-identical"
     assert all(calls.get(step, 0) > 0 for step in range(gate)), "before the gate the block's own forward runs"
     assert all(calls.get(step, 0) == 0 for step in range(gate, 6)), "after the gate norm2/attn2/norm3 never run"
     # the cached cross-attention was used by every fast block at every post-gate step
-    counters = controller.state.counters
-    assert all(counters.reused(step, cross=True) == len(blocks) for step in range(gate, 6))
+    assert all(record.reused(step, cross=True) == len(blocks) for step in range(gate, 6))
     # off attaches nothing to the blocks
-    assert not any(attached(b, block_fast_path.HOOK_NAME) for b in off_pipe.transformer.modules()) if name == "pixart" \
-        else not any(attached(b, block_fast_path.HOOK_NAME) for b in off_pipe.unet.modules())
+    assert tgate_kernels.view(off_pipe).fast_blocks == ()
+    assert not any(m in tgate_kernels.view(off_pipe).hooked_modules for m in blocks)
 
 
-def test_kernels_off_is_bit_exact_with_the_reference():
-    tgate = pytest.importorskip("tgate")
+def test_kernels_off_is_bit_exact_with_the_reference(reference):
+    tgate = reference
     expected = tgate.TgateSDLoader(tiny_sd()).tgate(gate_step=2, **call(CASES["sd"][1])).images
     ours = tgate_kernels.enable(tiny_sd(), gate_step=2, kernels="off")(**call(CASES["sd"][1])).images
     assert np.array_equal(ours, expected)
@@ -69,10 +74,11 @@ def test_kernels_off_is_bit_exact_with_the_reference():
 
 def test_switching_kernels_attaches_and_detaches_block_hooks():
     pipe = tgate_kernels.enable(tiny_sd(), kernels="off")
-    assert controller_of(pipe)._fast_blocks == []
+    assert tgate_kernels.view(pipe).fast_blocks == ()
     tgate_kernels.enable(pipe, kernels="auto")
-    blocks = controller_of(pipe)._fast_blocks
-    assert blocks and all(attached(b, block_fast_path.HOOK_NAME) for b in blocks)
+    view = tgate_kernels.view(pipe)
+    blocks = view.fast_blocks
+    assert blocks and all(b in view.hooked_modules for b in blocks) and view.kernels is tgate_kernels.KernelMode.AUTO
     tgate_kernels.disable(pipe)
     assert not any(hasattr(b, "_diffusers_hook") or "forward" in b.__dict__ for b in blocks)
 
@@ -86,9 +92,12 @@ def test_bad_kernels_value_is_refused_before_anything_is_modified():
 
 def test_fast_path_falls_back_for_dtypes_the_op_does_not_take():
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=2).to(torch.float64)
-    images = pipe(**call(CASES["sd"][1])).images
+    with tgate_kernels.view(pipe).record() as record:
+        images = pipe(**call(CASES["sd"][1])).images
     assert np.isfinite(images).all()
-    assert controller_of(pipe).state.counters.reused(3, cross=True) > 0
+    assert record.reused(3, cross=True) > 0
+    expected = tgate_kernels.enable(tiny_sd(), gate_step=2, kernels="off").to(torch.float64)(**call(CASES["sd"][1])).images
+    assert np.array_equal(images, expected), "float64 blocks run the block's own forward"
 
 
 @pytest.mark.parametrize("kernels", ["auto", "off"])
@@ -132,5 +141,5 @@ def test_affine_feed_forward_norm_of_pixart_blocks_is_applied():
     extra = CASES["pixart"][1]
     off = tgate_kernels.enable(with_affine_norm(), gate_step=2, kernels="off")(**call(extra)).images
     on_pipe = tgate_kernels.enable(with_affine_norm(), gate_step=2)
-    assert controller_of(on_pipe)._fast_blocks
+    assert tgate_kernels.view(on_pipe).fast_blocks
     assert float(np.abs(on_pipe(**call(extra)).images - off).max()) <= 1e-5

@@ -9,7 +9,6 @@ extension fails the kernel tests instead of skipping them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -323,8 +322,8 @@ def test_device_mismatch_names_argument():
 
 
 def test_warn_fallback_once_per_backend():
-    backend = "test-backend"
-    _library._warned_backends.discard(backend)
+    backend = f"test-backend-{os.getpid()}-{id(warnings)}"
+    assert backend not in ops.kernel_status()["fallback_warned"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _library.warn_fallback_once(backend, "no kernel here")
@@ -333,7 +332,7 @@ def test_warn_fallback_once_per_backend():
     messages = [str(w.message) for w in caught if issubclass(w.category, ops.KernelFallbackWarning)]
     assert len(messages) == 2
     assert "no kernel here" in messages[0] and "reference implementation" in messages[0]
-    _library._warned_backends.difference_update({backend, "another-" + backend})
+    assert {backend, "another-" + backend} <= set(ops.kernel_status()["fallback_warned"])
 
 
 def test_kernel_status_reports_backends():
@@ -412,7 +411,6 @@ def test_import_is_cheap_and_does_not_import_triton():
 # --- Triton kernel under the interpreter -------------------------------------------
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_under_interpreter_matches_float64():
     # The interpreter rounds float32 -> bfloat16 toward zero (the GPU rounds to
     # nearest even), so bfloat16 gets one more ulp of slack here than on CUDA.
@@ -429,6 +427,10 @@ def test_triton_kernel_under_interpreter_matches_float64():
             for shape in ((3, 7, 48), (2, 5, 320), (11, 8), (1, 2, 1280)):
                 for variant, operands in VARIANTS.items():
                     args, kw = make_inputs(shape, dtype, operands, seed=shape[-1])
+                    if cases % 2:
+                        # strided inputs (a transposed view, a slice) are read in place
+                        args = tuple(torch.cat([a, a], -1)[..., : a.shape[-1]] for a in args)
+                        assert not args[0].is_contiguous()
                     h, n = post_gate_residual_norm_triton(
                         *args, kw.get("gate"), kw.get("weight"), kw.get("bias"), 1e-6,
                         kw.get("scale"), kw.get("shift"))

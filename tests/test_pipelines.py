@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.api import controller_of
-from tgate_kernels.tiny_pipelines import (
+from fixtures.tiny_pipelines import (
     tiny_generation_kwargs,
     tiny_image,
     tiny_lcm_sdxl,
@@ -22,15 +21,16 @@ from tgate_kernels.tiny_pipelines import (
     tiny_svd,
 )
 
+from conftest import max_abs_diff as _diff
+
 PROMPTS = ["a cat", "a dog"]
 
 
-def _output(result):
-    return np.asarray(result.frames if hasattr(result, "frames") else result.images, dtype=np.float64)
-
-
-def _diff(a, b):
-    return float(np.abs(_output(a) - _output(b)).max())
+def recorded(pipe, call_kwargs):
+    """One call with a recorder attached; returns the result and the record."""
+    with tgate_kernels.view(pipe).record() as record:
+        result = pipe(**call_kwargs)
+    return result, record
 
 
 # ---------------------------------------------------------------- parity with the reference
@@ -53,8 +53,8 @@ REFERENCE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 @pytest.mark.parametrize("gate", [1, 2])
-def test_parity_with_reference(case, gate):
-    tgate = pytest.importorskip("tgate")
+def test_parity_with_reference(case, gate, reference):
+    tgate = reference
     factory, loader_name, reference_only, call = REFERENCE_CASES[case]
     settings = dict(gate_step=gate, sp_interval=2, warm_up=0)
     expected = getattr(tgate, loader_name)(factory()).tgate(**settings, **reference_only, **call())
@@ -70,9 +70,11 @@ def test_lcm_works_with_the_hint_on_the_loader_on_the_call_and_unsaid():
     on_loader = tgate_kernels.TgateSDXLLoader(tiny_lcm_sdxl(), gate_step=1, num_inference_steps=4, lcm=True)
     on_call = tgate_kernels.TgateSDXLLoader(tiny_lcm_sdxl())
     assert _diff(on_loader.tgate(**call()), unsaid) == 0.0
-    assert _diff(on_call.tgate(gate_step=1, lcm=True, **call()), unsaid) == 0.0
-    batches = controller_of(on_call).state.counters.denoiser_batches
-    assert batches == {step: [2] for step in range(4)}, "LCM runs no CFG batch: nothing to halve"
+    with tgate_kernels.view(on_call).record() as record:
+        assert _diff(on_call.tgate(gate_step=1, lcm=True, **call()), unsaid) == 0.0
+    assert {step: record.rows_run(step) for step in record.steps} == {step: [2] for step in range(4)}, \
+        "LCM runs no CFG batch: nothing to halve"
+    assert all(record.reused(step, cross=True) > 0 for step in (1, 2, 3)), "cross-attention is still gated"
 
 
 # ---------------------------------------------------------------- seed examples, unchanged but for the import
@@ -80,9 +82,12 @@ def test_lcm_works_with_the_hint_on_the_loader_on_the_call_and_unsaid():
 def test_seed_pixart_example():
     pipe = tiny_pixart_alpha()
     pipe = tgate_kernels.TgatePixArtLoader(pipe, gate_step=8, num_inference_steps=25).to("cpu")
-    image = pipe.tgate("An alpaca made of colorful building blocks, cyberpunk.", gate_step=8, num_inference_steps=25,
-                       clean_caption=False).images[0]
-    assert image.size[0] > 0 and controller_of(pipe).state.gate_step == 8
+    with tgate_kernels.view(pipe).record() as record:
+        image = pipe.tgate("An alpaca made of colorful building blocks, cyberpunk.", gate_step=8, num_inference_steps=25,
+                           clean_caption=False).images[0]
+    assert image.size == (256, 256) and tgate_kernels.view(pipe).last_generation.gate_step == 8
+    assert [record.computed(step, cross=True) > 0 for step in range(25)] == [True] * 8 + [False] * 17
+    assert [record.rows_run(step) for step in (7, 8)] == [[2], [1]]
 
 
 def test_seed_sdxl_and_lcm_examples():
@@ -91,16 +96,22 @@ def test_seed_sdxl_and_lcm_examples():
     pipe = tiny_sdxl()
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe = tgate_kernels.TgateSDXLLoader(pipe, gate_step=10, num_inference_steps=25).to("cpu")
-    image = pipe.tgate("Astronaut in a jungle, cold color palette, muted colors, detailed, 8k.",
-                       gate_step=10, num_inference_steps=25).images[0]
-    assert image.size[0] > 0
+    with tgate_kernels.view(pipe).record() as record:
+        image = pipe.tgate("Astronaut in a jungle, cold color palette, muted colors, detailed, 8k.",
+                           gate_step=10, num_inference_steps=25).images[0]
+    assert image.size == (32, 32)
+    assert [record.computed(step, cross=True) > 0 for step in range(25)] == [True] * 10 + [False] * 15
+    assert [record.rows_run(step) for step in (9, 10)] == [[2], [1]], "CFG dropped from the gate on"
 
     pipe = tiny_lcm_sdxl()
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe = tgate_kernels.TgateSDXLLoader(pipe, gate_step=1, num_inference_steps=4, lcm=True).to("cpu")
-    image = pipe.tgate("Astronaut in a jungle, cold color palette, muted colors, detailed, 8k.",
-                       gate_step=1, num_inference_steps=4).images[0]
-    assert image.size[0] > 0
+    with tgate_kernels.view(pipe).record() as record:
+        image = pipe.tgate("Astronaut in a jungle, cold color palette, muted colors, detailed, 8k.",
+                           gate_step=1, num_inference_steps=4).images[0]
+    assert image.size == (32, 32)
+    assert [record.computed(step, cross=True) > 0 for step in range(4)] == [True, False, False, False]
+    assert all(record.rows_run(step) == [1] for step in range(4)), "LCM: no CFG batch to drop"
 
 
 # ---------------------------------------------------------------- every pipeline through enable(pipe)
@@ -166,8 +177,8 @@ def _lora():
 
 
 def _sd_call(**extra):
-    return lambda: dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=6, height=32, width=32,
-                        output_type="np", generator=torch.Generator().manual_seed(0), **extra)
+    return lambda: dict(dict(prompt=PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=6, height=32, width=32,
+                             output_type="np", generator=torch.Generator().manual_seed(0)), **extra)
 
 
 PIPELINES = {
@@ -193,21 +204,19 @@ def test_pipeline_runs_gated_and_disable_restores_baseline(name):
     factory, call, gate, cfg = PIPELINES[name]
     baseline = factory()(**call())
     pipe = tgate_kernels.enable(factory(), gate_step=gate, sp_interval=1, warm_up=0)
-    gated = pipe(**call())
-    controller = controller_of(pipe)
-    counters, state = controller.state.counters, controller.state
-    steps = sorted(counters.denoiser_batches)
-    assert len(steps) == state.num_steps and state.num_steps > gate
+    gated, record = recorded(pipe, call())
+    steps = record.steps
+    assert len(steps) == record.num_steps and record.num_steps > gate
     for step in steps:
-        crosses_computed = counters.computed(step, cross=True)
+        crosses_computed = record.computed(step, cross=True)
         if step < gate:
             assert crosses_computed > 0
         else:
-            assert crosses_computed == 0 and counters.reused(step, cross=True) > 0, (name, step)
-    first_batch = counters.denoiser_batches[0][0]
+            assert crosses_computed == 0 and record.reused(step, cross=True) > 0, (name, step)
+    first_batch = record.calls(0)[0].rows
     for step in steps:
         expected = first_batch // 2 if (cfg and step >= gate) else first_batch
-        assert set(counters.denoiser_batches[step]) == {expected}, (name, step)
+        assert set(record.rows_run(step)) == {expected}, (name, step)
     difference = _diff(gated, baseline)
     assert 0.0 < difference < 0.5, f"{name}: gated output is {difference} away from the baseline"
     tgate_kernels.disable(pipe)
@@ -216,26 +225,30 @@ def test_pipeline_runs_gated_and_disable_restores_baseline(name):
 
 def test_controlnet_cross_attention_is_gated_too():
     pipe = tgate_kernels.enable(tiny_sd_controlnet(), gate_step=2)
-    controller = controller_of(pipe)
-    controlnet_attention = [m for m in pipe.controlnet.modules() if m in controller._attention_modules]
-    assert controlnet_attention and any(m.is_cross_attention for m in controlnet_attention)
-    assert pipe.controlnet in controller.parts.denoisers
+    view = tgate_kernels.view(pipe)
+    assert view.denoisers == {"unet": pipe.unet, "controlnet": pipe.controlnet}
+    assert any(a.cross for a in view.attentions if a.denoiser == "controlnet")
+    _, record = recorded(pipe, _sd_call(image=tiny_image())())
+    for step in range(6):
+        computed, reused = record.computed(step, True, "controlnet"), record.reused(step, True, "controlnet")
+        assert (computed > 0, reused > 0) == ((True, False) if step < 2 else (False, True)), step
+        assert record.rows_run(step, "controlnet") == [4 if step < 2 else 2]
 
 
 def test_img2img_gate_counts_the_steps_actually_run():
     pipe = tgate_kernels.enable(_img2img(), gate_step=0.5)
-    pipe(**_sd_call(image=tiny_image(), strength=0.5)() | {"num_inference_steps": 8})
-    state = controller_of(pipe).state
-    assert (state.num_steps, state.gate_step) == (4, 2)
-    assert {s: b for s, b in state.counters.denoiser_batches.items()} == {0: [4], 1: [4], 2: [2], 3: [2]}
+    _, record = recorded(pipe, _sd_call(image=tiny_image(), strength=0.5)() | {"num_inference_steps": 8})
+    last = tgate_kernels.view(pipe).last_generation
+    assert (last.num_steps, last.gate_step) == (4, 2)
+    assert {step: record.rows_run(step) for step in record.steps} == {0: [4], 1: [4], 2: [2], 3: [2]}
 
 
 @pytest.mark.parametrize("scheduler", ["heun", "kdpm2"])
 def test_second_order_schedulers_gate_on_solver_steps(scheduler):
     pipe = tgate_kernels.enable(tiny_sd(scheduler=scheduler), gate_step=2, sp_interval=1, warm_up=0)
-    result = pipe(**_sd_call()() | {"num_inference_steps": 4})
+    result, record = recorded(pipe, _sd_call()() | {"num_inference_steps": 4})
     assert np.isfinite(result.images).all()
-    batches = controller_of(pipe).state.counters.denoiser_batches
+    batches = {step: record.rows_run(step) for step in record.steps}
     assert sorted(batches) == [0, 1, 2, 3]
     assert batches[0] == [4, 4] and batches[1] == [4, 4], "two denoiser calls per solver step, both with CFG before the gate"
     assert all(size == 2 for step in (2, 3) for size in batches[step])
@@ -269,7 +282,7 @@ def test_accelerate_hooks_on_attention_modules_survive_disable():
 
     baseline = tiny_sd()(**_sd_call()())
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=3)
-    attentions = controller_of(pipe)._attention_modules
+    attentions = [a.module for a in tgate_kernels.view(pipe).attentions]
     for module in attentions:
         add_hook_to_module(module, AlignDevicesHook(execution_device="cpu"))
     gated = pipe(**_sd_call()())
@@ -283,13 +296,14 @@ def test_accelerate_hooks_on_attention_modules_survive_disable():
 
 
 def test_pipe_to_dtype_after_enabling():
-    expected = tiny_sd().to(torch.float64)(**_sd_call()())
+    expected = tiny_sd().to(torch.float64)(**_sd_call(output_type="latent")())
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=3).to(torch.float64)
-    gated = pipe(**_sd_call()())
-    assert gated.images.dtype == np.float64 or np.isfinite(gated.images).all()
+    gated, record = recorded(pipe, _sd_call(output_type="latent")())
+    assert gated.images.dtype == torch.float64 and torch.isfinite(gated.images).all()
+    assert record.reused(4, cross=True) > 0 and record.computed(4, cross=True) == 0
     assert 0 < _diff(gated, expected) < 0.5
     tgate_kernels.disable(pipe)
-    assert _diff(pipe(**_sd_call()()), expected) == 0.0
+    assert _diff(pipe(**_sd_call(output_type="latent")()), expected) == 0.0
 
 
 # ---------------------------------------------------------------- refusal
@@ -315,26 +329,19 @@ def test_joint_attention_pipelines_are_refused_with_the_supported_list():
         assert not hasattr(transformer, "_diffusers_hook")
 
 
-def test_guidance_over_more_than_two_halves_is_refused_cleanly():
-    """InstructPix2Pix runs a triple batch (text, image, unconditional): not T-GATE's two halves."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
-
-    base = tiny_sd()
-    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 8})
-    pipe = StableDiffusionInstructPix2PixPipeline(**{**base.components, "unet": unet})
-    pipe.set_progress_bar_config(disable=True)
-    tgate_kernels.enable(pipe, gate_step=2)
-    with pytest.raises(RuntimeError, match="batch of two halves; this pipeline runs its denoiser on a batch of 3 for 1"):
-        pipe(prompt="a cat", image=tiny_image(), num_inference_steps=4, output_type="np")
-    assert not controller_of(pipe).state.active
-
-
-def test_controlnet_in_guess_mode_passes_through_at_its_own_batch():
+def test_controlnet_in_guess_mode_keeps_the_part_it_conditions():
+    """In guess mode the ControlNet sees the prompt's half only, and its residuals go to that half
+    of the UNet's batch: after the gate the prompt's part runs, so the control still applies."""
     pipe = tgate_kernels.enable(tiny_sd_controlnet(), gate_step=2)
-    result = pipe(**_sd_call(image=tiny_image(), guess_mode=True)())
+    result, record = recorded(pipe, _sd_call(image=tiny_image(), guess_mode=True)())
     assert np.isfinite(result.images).all()
-    batches = controller_of(pipe).state.counters.denoiser_batches
-    assert batches[0] == [4] and batches[3] == [2]
+    assert record.rows_run(0) == [2, 4] and record.rows_run(3) == [2, 2]
+    assert [c.runs for c in record.calls(3)] == [("merged",), ("merged",)]
+    assert "prompt part kept" in tgate_kernels.view(pipe).last_generation.guidance
+    conditional = tgate_kernels.enable(tiny_sd_controlnet(), gate_step=2, kept_part="conditional")
+    assert _diff(result, conditional(**_sd_call(image=tiny_image(), guess_mode=True)())) == 0.0
+    negative = tgate_kernels.enable(tiny_sd_controlnet(), gate_step=2)(**_sd_call(image=tiny_image())())
+    assert _diff(result, negative) > 1e-4
 
 
 def test_attention_that_adds_its_own_residual_is_refused():
@@ -360,12 +367,12 @@ def test_a_pipeline_sharing_an_enabled_denoiser_gets_a_clear_error():
 
     pipe = tgate_kernels.enable(tiny_sd())
     sibling = StableDiffusionPipeline(**pipe.components)
-    with pytest.raises(ValueError, match="shares its UNet2DConditionModel with another pipeline"):
+    with pytest.raises(ValueError, match=r"shares its UNet2DConditionModel \(`unet`\) with another pipeline"):
         tgate_kernels.enable(sibling)
-    assert "tgate" not in sibling.__dict__ and controller_of(sibling) is None
+    assert "tgate" not in sibling.__dict__ and tgate_kernels.view(sibling) is None
     tgate_kernels.disable(pipe)
     tgate_kernels.enable(sibling)
-    assert controller_of(sibling) is not None
+    assert tgate_kernels.is_enabled(sibling)
 
 
 def test_fast_path_steps_aside_under_autocast_and_for_offloaded_weights():
@@ -381,7 +388,7 @@ def test_fast_path_steps_aside_under_autocast_and_for_offloaded_weights():
 
     offloaded = tgate_kernels.enable(tiny_sd(), gate_step=3)
     cpu_offload(offloaded.unet, execution_device="cpu")
-    assert any(b.norm3.weight.device.type == "meta" for b in controller_of(offloaded)._fast_blocks)
+    assert any(b.norm3.weight.device.type == "meta" for b in tgate_kernels.view(offloaded).fast_blocks)
     assert _diff(offloaded(**call()), expected(**call())) == 0.0
 
 
@@ -397,7 +404,7 @@ def test_disable_keeps_a_diffusers_hook_registered_after_ours_running():
 
     baseline = tiny_sd()(**_sd_call()())
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=3)
-    attention = controller_of(pipe)._attention_modules[0]
+    attention = tgate_kernels.view(pipe).attentions[0].module
     HookRegistry.check_if_exists_or_initialize(attention).register_hook(CountingHook(), "counting")
     tgate_kernels.disable(pipe)
     assert list(attention._diffusers_hook.hooks) == ["counting"]

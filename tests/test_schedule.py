@@ -9,8 +9,9 @@ from tgate_kernels.schedule import AttentionAction, TgateSettings, plan_generati
 COMPUTE, CACHE, REUSE = AttentionAction.COMPUTE, AttentionAction.CACHE, AttentionAction.REUSE
 
 
-def _reference_actions(step, gate, sp, fi, warm_up):
-    tgate_utils = pytest.importorskip("tgate.tgate_utils")
+def _reference_actions(tgate, step, gate, sp, fi, warm_up):
+    from tgate import tgate_utils
+
     ca, sa, keep_shape = tgate_utils.tgate_scheduler(
         cur_step=step, gate_step=gate, sp_interval=sp, fi_interval=fi, warm_up=warm_up
     )
@@ -24,13 +25,13 @@ def _reference_actions(step, gate, sp, fi, warm_up):
 
 
 @pytest.mark.parametrize("gate", [0, 1, 2, 3, 5, 10, 25])
-def test_plans_match_the_reference_scheduler_exhaustively(gate):
+def test_plans_match_the_reference_scheduler_exhaustively(gate, reference):
     for sp, fi, warm_up in itertools.product([1, 2, 3, 5], [1, 2, 3], [0, 1, 2, 4, 12]):
         settings = TgateSettings(gate_step=gate, sp_interval=sp, fi_interval=fi, warm_up=warm_up)
         for step in range(25):
             plan = plan_step(step, settings, gate)
             assert (plan.self_attention, plan.cross_attention, plan.average_cfg_halves) == _reference_actions(
-                step, gate, sp, fi, warm_up
+                reference, step, gate, sp, fi, warm_up
             ), (step, gate, sp, fi, warm_up)
             assert plan.cfg_batch == (step < gate)
 

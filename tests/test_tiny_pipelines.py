@@ -1,4 +1,4 @@
-"""Tests for the offline tiny pipelines used throughout the test-suite, the README and the CLI."""
+"""Tests for the offline tiny pipelines the test-suite builds everything on."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tgate_kernels.tiny_pipelines import (
+from fixtures.tiny_pipelines import (
     SCHEDULERS,
     TINY_IMAGE_SIZE,
     TINY_PIPELINES,
@@ -18,6 +18,8 @@ from tgate_kernels.tiny_pipelines import (
     tiny_pipeline,
     tiny_sd,
 )
+
+from conftest import REFERENCE_LOADERS
 
 EXPECTED_PIPELINE_CLASSES = {
     "sd": "StableDiffusionPipeline",
@@ -259,21 +261,12 @@ def test_save_pretrained_round_trip(name, tmp_path):
 # every reference call gets a freshly built pipeline.
 # --------------------------------------------------------------------------------------------
 
-REFERENCE_LOADERS = {
-    "sd": ("TgateSDLoader", {}),
-    "sdxl": ("TgateSDXLLoader", {}),
-    "lcm-sdxl": ("TgateSDXLLoader", {"lcm": True}),
-    "pixart-alpha": ("TgatePixArtAlphaLoader", {}),
-    "pixart-sigma": ("TgatePixArtSigmaLoader", {}),
-    "svd": ("TgateSVDLoader", {}),
-}
 REFERENCE_STEPS = 5
 
 
 def _reference_latents(
-    name: str, loader_name: str, call_kwargs: dict, loader_kwargs: dict | None = None, **schedule
+    tgate, name: str, loader_name: str, call_kwargs: dict, loader_kwargs: dict | None = None, **schedule
 ):
-    tgate = pytest.importorskip("tgate")
     pipe = getattr(tgate, loader_name)(tiny_pipeline(name), **(loader_kwargs or {}))
     kwargs = tiny_generation_kwargs(name, num_inference_steps=REFERENCE_STEPS, output_type="latent")
     output = pipe.tgate(**kwargs, **call_kwargs, **schedule)
@@ -281,18 +274,18 @@ def _reference_latents(
 
 
 @pytest.mark.parametrize("name", list(REFERENCE_LOADERS))
-def test_reference_tgate_runs_and_matches_plain_pipeline_when_not_gating(name):
+def test_reference_tgate_runs_and_matches_plain_pipeline_when_not_gating(name, reference):
     loader_name, call_kwargs = REFERENCE_LOADERS[name]
     plain = _generate(tiny_pipeline(name), name, steps=REFERENCE_STEPS, output_type="latent")
 
     # Gate and warm-up past the last step: nothing is cached, so the reference must reproduce
     # the pipeline's own computation.
     never = REFERENCE_STEPS + 1
-    ungated = _reference_latents(name, loader_name, call_kwargs, gate_step=never, warm_up=never)
+    ungated = _reference_latents(reference, name, loader_name, call_kwargs, gate_step=never, warm_up=never)
     torch.testing.assert_close(ungated, plain, rtol=0, atol=1e-6)
 
     gated = _reference_latents(
-        name, loader_name, call_kwargs, gate_step=2, warm_up=1, sp_interval=2, fi_interval=2
+        reference, name, loader_name, call_kwargs, gate_step=2, warm_up=1, sp_interval=2, fi_interval=2
     )
     assert gated.shape == plain.shape
     assert torch.isfinite(gated).all()
@@ -305,9 +298,10 @@ def test_reference_tgate_runs_and_matches_plain_pipeline_when_not_gating(name):
     [("sd", "TgateSDDeepCacheLoader"), ("sdxl", "TgateSDXLDeepCacheLoader")],
 )
 @pytest.mark.parametrize("cache_branch_id", [0, 2])
-def test_reference_deepcache_loaders_run(name, loader_name, cache_branch_id):
+def test_reference_deepcache_loaders_run(name, loader_name, cache_branch_id, reference):
     plain = _generate(tiny_pipeline(name), name, steps=REFERENCE_STEPS, output_type="latent")
     latents = _reference_latents(
+        reference,
         name,
         loader_name,
         {},

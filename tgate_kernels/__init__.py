@@ -4,7 +4,9 @@
 a gate step, drop classifier-free guidance after it and cache self-attention on a schedule.
 """
 
-from .api import disable, enable, enabled, is_enabled
+from ._compat import check_private_api
+from .api import disable, enable, enabled, is_enabled, view
+from .guidance import KeptPart
 from .loaders import (
     TgatePixArtAlphaLoader,
     TgatePixArtLoader,
@@ -15,7 +17,11 @@ from .loaders import (
     TgateSDXLLoader,
     TgateSVDLoader,
 )
+from .options import KernelMode
 from .schedule import AttentionAction, StepPlan, TgateSettings, plan_generation, plan_step
+from .view import TgateView
+
+check_private_api()
 
 __version__ = "0.1.0"
 
@@ -24,6 +30,10 @@ __all__ = [
     "disable",
     "enabled",
     "is_enabled",
+    "view",
+    "TgateView",
+    "KernelMode",
+    "KeptPart",
     "TgateSDLoader",
     "TgateSDXLLoader",
     "TgatePixArtLoader",

@@ -1,103 +1,161 @@
 """Per-pipeline-family knowledge: data, not copies of pipelines.
 
-What differs between the pipelines T-GATE supports is small: where the denoisers are (a UNet or
-a transformer, plus any ControlNet, whose own cross-attention is gated too), which half of the
-CFG batch the reference keeps after the gate (the negative-prompt half, except for SVD's
-per-frame guidance, which keeps the conditional half), and how the pipeline says whether it
-runs classifier-free guidance. Every pipeline built on the same denoisers (img2img, inpaint,
-ControlNet, IP-Adapter, LoRA) needs nothing more.
+What differs between the pipelines T-GATE supports is small: which components are denoisers
+(every component with separate cross-attention: a UNet or transformer, a second expert, a
+ControlNet, whose own cross-attention is gated too), what each part of a guided batch holds
+(:mod:`.guidance`), which part the reference keeps after the gate, and how the pipeline says
+whether it guides. Every pipeline built on the same denoisers (img2img, inpaint, ControlNet,
+IP-Adapter, LoRA) needs nothing more.
 """
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.attention import AttentionModuleMixin
-from diffusers.models.attention_processor import Attention
+
+from .attention_modules import AttentionKind, HookableAttention, adds_own_residual, hookable_attentions, is_attention, is_joint_attention
+from .guidance import NEGATIVE, PERTURBED, PROMPT, UNCONDITIONAL, GuidanceTracker, KeptPart
 
 SUPPORTED_PIPELINES = (
-    "Stable Diffusion 1.x/2.x and SDXL pipelines (text-to-image, img2img, inpaint, ControlNet, "
-    "IP-Adapter, LoRA, LCM), PixArt-α/Σ (and PixArt-LCM), Stable Video Diffusion: any pipeline whose "
-    "denoiser (`unet` or `transformer`) has separate cross-attention layers"
+    "any pipeline whose denoisers have separate cross-attention layers: Stable Diffusion 1.x/2.x and SDXL "
+    "(text-to-image, img2img, inpaint, ControlNet, IP-Adapter, LoRA, LCM, PAG, InstructPix2Pix), Kolors, PixArt-α/Σ, "
+    "Sana, Hunyuan-DiT, Lumina-Next, Stable Video Diffusion, AnimateDiff, Latte, Allegro, LTX-Video, Wan 2.1/2.2, "
+    "SkyReels-V2, Cosmos, Kandinsky 5, Stable Audio"
 )
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """A pipeline component T-GATE hooks. ``main`` denoisers predict the noise; auxiliary ones
+    (ControlNets) feed them."""
+
+    attribute: str
+    module: torch.nn.Module
+    main: bool
+    attentions: tuple[HookableAttention, ...]
 
 
 @dataclass(frozen=True)
 class PipelineParts:
     """The modules T-GATE hooks in one pipeline."""
 
-    denoiser: torch.nn.Module
-    auxiliary_denoisers: tuple[torch.nn.Module, ...]
-    cfg_half: str
+    denoisers: tuple[Denoiser, ...]
 
-    @property
-    def denoisers(self) -> tuple[torch.nn.Module, ...]:
-        return (self.denoiser, *self.auxiliary_denoisers)
-
-    def attention_modules(self) -> list[torch.nn.Module]:
-        seen: set[int] = set()
-        found = []
-        for denoiser in self.denoisers:
-            for module in denoiser.modules():
-                if is_cacheable_attention(module) and id(module) not in seen:
-                    seen.add(id(module))
-                    found.append(module)
-        return found
+    def components(self) -> dict[str, torch.nn.Module]:
+        return {d.attribute: d.module for d in self.denoisers}
 
 
-def is_cacheable_attention(module: torch.nn.Module) -> bool:
-    """An attention whose whole output can be cached: not one that adds its own residual or
-    rescales (the UNets of DeepFloyd IF, UnCLIP, Kandinsky), where caching the output would
-    freeze the residual stream too."""
-    return (
-        isinstance(module, (Attention, AttentionModuleMixin))
-        and not getattr(module, "residual_connection", False)
-        and getattr(module, "rescale_output_factor", 1.0) == 1.0
-        and getattr(module, "spatial_norm", None) is None
-        and getattr(module, "added_kv_proj_dim", None) is None
-    )
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        components = vars(pipe)
+    return {name: value for name, value in components.items() if isinstance(value, torch.nn.Module)}
 
 
-def _keeps_conditional_half(denoiser: torch.nn.Module) -> bool:
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    return isinstance(denoiser, UNetSpatioTemporalConditionModel)
+def check_pipeline(pipe, *, runs: bool = False) -> None:
+    """A ``TypeError`` naming ``pipe`` unless it is an object with components T-GATE could hook
+    (and, with ``runs``, a ``progress_bar`` T-GATE can follow its steps by)."""
+    if not hasattr(pipe, "__dict__") or (runs and not callable(getattr(pipe, "progress_bar", None))):
+        raise TypeError(
+            f"`pipe` must be a diffusers pipeline (an object with a `progress_bar` method and a denoiser such as "
+            f"`unet` or `transformer`), got {reprlib.repr(pipe)} of type {type(pipe).__name__}."
+        )
 
 
 def pipeline_parts(pipe) -> PipelineParts:
-    """The denoisers of ``pipe``; raises a ``ValueError`` naming what is supported otherwise."""
-    denoiser = None
-    for attr in ("unet", "transformer"):
-        candidate = getattr(pipe, attr, None)
-        if isinstance(candidate, torch.nn.Module):
-            denoiser = candidate
-            break
-    if denoiser is None:
-        raise ValueError(
-            f"`pipe` ({type(pipe).__name__}) has no `unet` or `transformer` denoiser module. "
-            f"T-GATE supports {SUPPORTED_PIPELINES}."
-        )
-    attentions = [m for m in denoiser.modules() if is_cacheable_attention(m)]
-    if not any(getattr(m, "is_cross_attention", False) for m in attentions):
-        raise ValueError(
-            f"`pipe` ({type(pipe).__name__}) has a denoiser ({type(denoiser).__name__}) without separate "
-            f"cross-attention layers whose output can be cached (joint attention, as in SD3 or FLUX, and "
-            f"attention that adds its own residual, as in DeepFloyd IF, cannot be gated). "
-            f"T-GATE supports {SUPPORTED_PIPELINES}."
-        )
-    controlnet = getattr(pipe, "controlnet", None)
-    auxiliary = (controlnet,) if isinstance(controlnet, torch.nn.Module) else ()
-    cfg_half = "second" if _keeps_conditional_half(denoiser) else "first"
-    return PipelineParts(denoiser=denoiser, auxiliary_denoisers=auxiliary, cfg_half=cfg_half)
+    """The denoisers of ``pipe``; a ``ValueError`` saying what the pipeline has otherwise."""
+    components = _components(pipe)
+    denoisers = []
+    for attribute, module in components.items():
+        attentions = tuple(hookable_attentions(module))
+        if any(a.kind is AttentionKind.CROSS for a in attentions):
+            denoisers.append(Denoiser(attribute, module, not attribute.startswith("controlnet"), attentions))
+    if not any(d.main for d in denoisers):
+        raise ValueError(_refusal(pipe, components))
+    denoisers.sort(key=lambda d: not d.main)
+    return PipelineParts(tuple(denoisers))
 
 
-def pipeline_uses_cfg(pipe) -> bool | None:
-    """Whether the running generation uses a CFG batch, as the pipeline says; ``None`` when the
-    pipeline does not say (then the first denoiser call decides)."""
-    if not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+def _refusal(pipe, components: dict[str, torch.nn.Module]) -> str:
+    name = type(pipe).__name__
+    conventional = [components[a] for a in ("unet", "transformer") if a in components]
+    if not conventional:
+        return (
+            f"`pipe` ({name}) has no `unet` or `transformer` denoiser with separate cross-attention layers. "
+            f"T-GATE supports {SUPPORTED_PIPELINES}."
+        )
+    denoiser = conventional[0]
+    attentions = [m for m in denoiser.modules() if is_attention(m)]
+    if not attentions:
+        what = "no attention layers at all"
+    elif any(adds_own_residual(m) and getattr(m, "is_cross_attention", False) for m in attentions):
+        what = "cross-attention that adds its own residual (as in DeepFloyd IF), whose output cannot be cached alone"
+    elif any(is_joint_attention(m) for m in attentions):
+        what = "joint attention, where image and text tokens attend together (as in SD3, FLUX and QwenImage)"
+    else:
+        what = (
+            f"{len(attentions)} attention layers, none of them a separate cross-attention: each attends within one "
+            f"sequence (Lumina2's joins image and text tokens: joint attention)"
+        )
+    return (
+        f"`pipe` ({name}) has a denoiser ({type(denoiser).__name__}) without separate cross-attention layers: it has "
+        f"{what}. T-GATE caches cross-attention, so it supports {SUPPORTED_PIPELINES}."
+    )
+
+
+def says_guided(pipe) -> bool | None:
+    """Whether the running generation uses classifier-free guidance, as the pipeline says;
+    ``None`` when the pipeline does not say."""
+    return _flag(pipe, "do_classifier_free_guidance")
+
+
+def _flag(pipe, name: str) -> bool | None:
+    if not isinstance(getattr(type(pipe), name, None), property):
         return None
     try:
-        return bool(pipe.do_classifier_free_guidance)
+        return bool(getattr(pipe, name))
     except (AttributeError, TypeError, RuntimeError):
         return None
+
+
+def _is_instance(pipe, *class_names: str) -> bool:
+    import diffusers
+
+    classes = tuple(c for c in (getattr(diffusers, n, None) for n in class_names) if isinstance(c, type))
+    return bool(classes) and isinstance(pipe, classes)
+
+
+def batched_parts(pipe, parts_per_latent: int) -> tuple[str, ...] | None:
+    """What each part of a guided batch holds, in batch order, for this pipeline."""
+    if _is_instance(pipe, "StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"):
+        # [prompt + image, negative + image, negative without image]
+        return (PROMPT, NEGATIVE, UNCONDITIONAL) if parts_per_latent == 3 else None
+    if _flag(pipe, "do_perturbed_attention_guidance"):
+        if parts_per_latent == 3:
+            return (NEGATIVE, PROMPT, PERTURBED)
+        return (PROMPT, PERTURBED) if parts_per_latent == 2 else None
+    if parts_per_latent == 2:
+        # Lumina-Next concatenates the prompt first
+        return (PROMPT, NEGATIVE) if _is_instance(pipe, "LuminaPipeline", "LuminaText2ImgPipeline") else (NEGATIVE, PROMPT)
+    return None
+
+
+def default_kept(parts: PipelineParts) -> str:
+    """The part the reference keeps after the gate: the negative prompt's, except for Stable
+    Video Diffusion, whose negative part is an empty image embedding."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    main = parts.denoisers[0].module
+    return PROMPT if isinstance(main, UNetSpatioTemporalConditionModel) else NEGATIVE
+
+
+def guidance_tracker(pipe, parts: PipelineParts, kept: KeptPart) -> GuidanceTracker:
+    return GuidanceTracker(
+        type(pipe).__name__,
+        lambda k: batched_parts(pipe, k),
+        default_kept(parts),
+        kept,
+        calls_per_step=lambda: int(getattr(getattr(pipe, "scheduler", None), "order", 1) or 1),
+    )

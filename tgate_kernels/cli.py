@@ -1,6 +1,6 @@
 """``tgate-kernels``: benchmark T-GATE on real architectures, and run it on local pipelines.
 
-    tgate-kernels bench                          # MACs, params, latency, bookkeeping -> bench/out/
+    tgate-kernels bench                          # MACs, params, latency, Python calls -> bench/out/
     tgate-kernels generate --model DIR --prompt "..." --out image.png
     tgate-kernels compare  --model DIR --prompt "..." --gate-steps 5,10,15 --out grid.png
 
@@ -28,13 +28,16 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
+        from .options import check_int
+
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= {minimum}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= {minimum}")
-        return value
+        try:
+            return check_int("value", value, minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= {minimum}") from None
 
     return parse
 
@@ -57,24 +60,11 @@ def _int_list(text: str) -> list[int]:
     return [_non_negative_int(item) for item in items]
 
 
-def _model_list(text: str, allow_none: bool = False) -> list[str]:
-    from .benchmarking.architectures import architectures, public_architecture_names
-
-    if allow_none and text.strip().lower() == "none":
-        return []
-    if text.strip().lower() == "all":
-        return public_architecture_names()
+def _name_list(text: str) -> list[str]:
     names = [item.strip() for item in text.split(",") if item.strip()]
-    known = architectures()
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        choices = ", ".join(public_architecture_names()) + ", all" + (", none" if allow_none else "")
-        raise argparse.ArgumentTypeError(f"unknown model {', '.join(map(repr, unknown)) or repr(text)}; choose from {choices}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected comma-separated model names")
     return names
-
-
-def _latency_model_list(text: str) -> list[str]:
-    return _model_list(text, allow_none=True)
 
 
 def _deepcache(text: str) -> dict:
@@ -114,7 +104,7 @@ def _resolve_dtype(name: str, device: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmarking.architectures import public_architecture_names
+    from .benchmarking.architectures import architectures
 
     parser = argparse.ArgumentParser(
         prog="tgate-kernels",
@@ -122,29 +112,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    models = ", ".join(public_architecture_names())
+    models = ", ".join(architectures())
     bench = commands.add_parser(
         "bench",
-        help="MACs, params, latency, peak memory and Python bookkeeping of T-GATE vs the plain pipeline",
+        help="MACs, params, latency, peak memory and Python calls per step of T-GATE vs the plain pipeline",
         description=(
             "Benchmark T-GATE on real architectures built from the configs shipped in the package, with random "
-            "weights (nothing is downloaded). MACs and params: every model in --models at the seed document's "
+            "weights (nothing is downloaded). MACs and params: every model in --models at the published table's "
             "settings (SD/SDXL 25 steps, gate 10; PixArt 25 steps, gate 8; LCM 4 steps, gate 1; SDXL+DeepCache "
-            "interval 3, branch 0), counted on the meta device, next to the seed table. Latency and peak memory: "
+            "interval 3, branch 0), counted on the meta device, next to the published table. Latency and peak memory: "
             "the --latency-models at --resolution/--steps, baseline, T-GATE and the reference `tgate` package "
             "(when installed) timed alternately. The defaults finish in a few minutes on a 2-core CPU."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    bench.add_argument("--models", type=_model_list, default="all", help=f"comma-separated models for the MACs/params table, or all ({models})")
-    bench.add_argument("--latency-models", type=_latency_model_list, default="sd15", help="comma-separated models to time, or none")
+    bench.add_argument("--models", type=_name_list, default=["all"], help=f"comma-separated models for the MACs/params table, or all ({models})")
+    bench.add_argument("--latency-models", type=_name_list, default=["sd15"], help="comma-separated models to time, or none")
+    bench.add_argument("--architectures", action="append", default=[], metavar="MANIFEST",
+                       help="a benchmarks.json of more architectures (the format of tgate_kernels/configs/benchmarks.json, "
+                            "configs beside it); may be given several times")
     bench.add_argument("--resolution", type=_resolution, default=128, help="image side in pixels for the latency runs (multiple of 64)")
     bench.add_argument("--steps", type=_positive_int, default=10, help="denoising steps of the latency runs")
     bench.add_argument(
         "--gate-steps",
         type=_int_list,
         default=None,
-        help="comma-separated gate steps to time (each <= --steps); default: the seed's gate at the same fraction of the steps (10 of 25 -> 4 of 10)",
+        help="comma-separated gate steps to time (each <= --steps); default: the published gate at the same fraction of the steps (10 of 25 -> 4 of 10)",
     )
     bench.add_argument("--repeats", type=_positive_int, default=2, help="timed calls per variant (after one warm-up call each)")
     bench.add_argument("--device", type=_device, default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
@@ -154,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true",
                        help="also time T-GATE's fast path with the denoiser under torch.compile (compiling takes "
                             "minutes on a CPU)")
-    bench.add_argument("--no-bookkeeping", dest="bookkeeping", action="store_false", help="skip counting Python calls per step")
-    bench.add_argument("--bookkeeping-model", type=lambda t: _model_list(t)[0], default="sd15", help="model whose pipeline the Python calls are counted on (at 64 px)")
+    bench.add_argument("--no-python-calls", dest="python_calls", action="store_false", help="skip counting Python calls per step")
+    bench.add_argument("--python-calls-model", default="sd15", help="the one model whose pipeline the Python calls per step are counted on (at 64 px)")
     bench.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG plot")
     bench.add_argument("--out", default=DEFAULT_OUT, help="output directory for bench.json, bench.csv, bench.txt and bench.png")
     bench.set_defaults(handler=_run_bench)
@@ -195,21 +188,47 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------
 
 
+def _models(option: str, names: list[str], known: dict, parser: argparse.ArgumentParser, allow_none: bool = False) -> list[str]:
+    if names == ["all"]:
+        return list(known)
+    if allow_none and names == ["none"]:
+        return []
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        choices = ", ".join(known) + ", all" + (", none" if allow_none else "")
+        parser.error(f"argument {option}: unknown model {', '.join(map(repr, unknown))}; choose from {choices}")
+    return names
+
+
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from tqdm.auto import tqdm
 
     from .benchmarking import report
-    from .benchmarking.architectures import architecture
+    from .benchmarking.architectures import architectures
     from .benchmarking.suite import BenchOptions, planned_work, run_bench
 
+    extra = tuple(os.path.abspath(path) for path in args.architectures)
+    for path in extra:
+        if not os.path.isfile(path):
+            parser.error(f"argument --architectures: {path!r} is not a file; expected a benchmarks.json manifest")
+    known = architectures(extra)
+    models = _models("--models", args.models, known, parser)
+    latency_models = _models("--latency-models", args.latency_models, known, parser, allow_none=True)
+    python_calls_model = None
+    if args.python_calls:
+        if args.python_calls_model not in known:
+            parser.error(
+                f"argument --python-calls-model: {args.python_calls_model!r} is not one model; choose one of {', '.join(known)}"
+            )
+        python_calls_model = args.python_calls_model
     if args.gate_steps and max(args.gate_steps) > args.steps:
         parser.error(f"argument --gate-steps: {max(args.gate_steps)} is larger than --steps {args.steps}; each gate step must be between 0 and the steps")
-    for name in args.latency_models:
-        if architecture(name).deepcache is not None:
+    for name in latency_models:
+        if known[name].deepcache is not None:
             parser.error(f"argument --latency-models: {name!r} is a MACs-only row; time one of the plain models instead")
     options = BenchOptions(
-        models=args.models,
-        latency_models=args.latency_models,
+        models=models,
+        latency_models=latency_models,
         resolution=args.resolution,
         steps=args.steps,
         gate_steps=args.gate_steps,
@@ -218,7 +237,8 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         dtype=_resolve_dtype(args.dtype, args.device),
         reference=args.reference,
         compile=args.compile,
-        bookkeeping_model=args.bookkeeping_model if args.bookkeeping else None,
+        python_calls_model=python_calls_model,
+        extra_manifests=extra,
     )
     with tqdm(total=planned_work(options), desc="bench", unit="task", file=sys.stderr, dynamic_ncols=True) as bar:
 
@@ -261,7 +281,7 @@ def load_local_pipeline(model: str, device: str, dtype):
     return pipe.to(device)
 
 
-def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
+def _call_kwargs(args: argparse.Namespace) -> dict:
     import torch
 
     kwargs = dict(prompt=args.prompt, num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed))
@@ -287,14 +307,11 @@ def _timed_image(pipe, kwargs: dict):
 
 
 def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser, gate_steps: list[int]):
-    from .benchmarking.macs import enable_supports
+    from . import api
 
     if max(gate_steps) > args.steps:
         option = "--gate-step" if args.command == "generate" else "--gate-steps"
         parser.error(f"argument {option}: {max(gate_steps)} is larger than --steps {args.steps}; a gate step must be between 0 and the steps")
-    if args.deepcache is not None and not enable_supports("deepcache"):
-        parser.error("argument --deepcache: this version of tgate_kernels.enable has no DeepCache support")
-    from . import api
 
     try:
         pipe = load_local_pipeline(args.model, args.device, _resolve_dtype(args.dtype, args.device))
@@ -314,7 +331,7 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
     pipe = _prepare(args, parser, [args.gate_step])
     api.enable(pipe, **_enable_kwargs(args, args.gate_step))
-    image, seconds = _timed_image(pipe, _call_kwargs(args, pipe))
+    image, seconds = _timed_image(pipe, _call_kwargs(args))
     _save(image, args.out)
     print(f"T-GATE (gate_step={args.gate_step}, {args.steps} steps): {seconds:.2f} s -> {args.out} ({image.width}x{image.height})")
     return 0
@@ -325,13 +342,13 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .benchmarking.fidelity import fidelity, labelled_grid
 
     pipe = _prepare(args, parser, args.gate_steps)
-    baseline, baseline_s = _timed_image(pipe, _call_kwargs(args, pipe))
+    baseline, baseline_s = _timed_image(pipe, _call_kwargs(args))
     tiles = [(baseline, f"baseline, {args.steps} steps", f"{baseline_s:.2f} s")]
     rows = [("baseline", "-", f"{baseline_s:.2f}", "inf", "1.0000")]
     for gate_step in args.gate_steps:
         api.enable(pipe, **_enable_kwargs(args, gate_step))
         try:
-            image, seconds = _timed_image(pipe, _call_kwargs(args, pipe))
+            image, seconds = _timed_image(pipe, _call_kwargs(args))
         finally:
             api.disable(pipe)
         psnr, ssim = fidelity(baseline, image)

@@ -1,4 +1,4 @@
-"""The loaders users of the ``tgate`` package know, each a few lines over the engine.
+"""The loaders users of the ``tgate`` package know, each a few lines over the controller.
 
 ``TgateSDXLLoader(pipe, gate_step=10, num_inference_steps=25)`` (the documented usage) and
 ``TgateSDXLLoader(pipe)`` (the 1.0.0 usage) both return ``pipe`` with a ``pipe.tgate(...)``
@@ -8,17 +8,30 @@ ordinary ``pipe(...)`` call as it was unless the pipeline was also ``enable``-d.
 
 from __future__ import annotations
 
-from .api import configure
+from dataclasses import replace
+
+from . import adapters
+from .api import deepcache_option
+from .controller import Configuration, configure, controller_of
 from .schedule import TgateSettings
 
 
-def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache=None):
+def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache):
     settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     if num_inference_steps is not None:
         settings.resolve_gate_step(num_inference_steps)
-    controller = configure(pipe, settings, deepcache)
-    if num_inference_steps is not None:
-        controller.num_inference_steps = num_inference_steps
+    adapters.check_pipeline(pipe)
+    controller = controller_of(pipe)
+    current = controller.configuration if controller is not None else Configuration(settings)
+    configure(
+        pipe,
+        replace(
+            current,
+            settings=settings,
+            deepcache=deepcache_option(pipe, deepcache, current.deepcache),
+            default_steps=num_inference_steps if num_inference_steps is not None else current.default_steps,
+        ),
+    )
     return pipe
 
 

@@ -27,6 +27,8 @@ import math
 import numbers
 from dataclasses import dataclass, replace
 
+from .options import check_int
+
 
 class AttentionAction(enum.Enum):
     COMPUTE = "compute"
@@ -47,13 +49,6 @@ class StepPlan:
     average_cfg_halves: bool
     """Whether caches taken at this step hold the mean of the CFG halves (the gate step of a
     CFG generation)."""
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an int >= {minimum}, got {value!r} of type {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -87,9 +82,9 @@ class TgateSettings:
                 f"`gate_step` given as a float must be a fraction of the steps in (0, 1), got {gate!r}; "
                 f"pass an int for a step index."
             )
-        _check_int("sp_interval", self.sp_interval, 1)
-        _check_int("fi_interval", self.fi_interval, 1)
-        _check_int("warm_up", self.warm_up, 0)
+        check_int("sp_interval", self.sp_interval, 1)
+        check_int("fi_interval", self.fi_interval, 1)
+        check_int("warm_up", self.warm_up, 0)
         if self.lcm is not None and not isinstance(self.lcm, bool):
             raise TypeError(f"`lcm` must be True, False or None, got {self.lcm!r}.")
 
@@ -101,7 +96,7 @@ class TgateSettings:
     def resolve_gate_step(self, num_steps: int, *, beyond_allowed: bool = False) -> int:
         """The gate step as an index for a generation of ``num_steps`` solver steps. An int gate
         step beyond them raises, unless ``beyond_allowed`` (then no step is gated)."""
-        _check_int("num_inference_steps", num_steps, 1)
+        check_int("num_inference_steps", num_steps, 1)
         gate = self.gate_step
         if isinstance(gate, numbers.Integral):
             if gate > num_steps and not beyond_allowed:

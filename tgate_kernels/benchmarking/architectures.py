@@ -2,8 +2,9 @@
 
 Each denoiser config is the published diffusers ``config.json`` of the checkpoint; weights are
 random, because neither MACs nor latency depend on their values. ``benchmarks.json`` holds, per
-architecture, the settings of the seed document's benchmark (resolution, steps, gate step, CFG,
-DeepCache) and the numbers of its published table.
+architecture, the settings of the published T-GATE benchmark (resolution, steps, gate step, CFG,
+DeepCache) and the numbers of its table. More manifests of the same format (``--architectures``
+of ``tgate-kernels bench``) add architectures of one's own; their configs are found beside them.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import functools
 import json
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
 
 _CONFIG_PACKAGE = "tgate_kernels.configs"
-_MANIFEST = "benchmarks.json"
+_MANIFEST_NAME = "benchmarks.json"
 
 
 @dataclass(frozen=True)
-class SeedRow:
-    """One row of the seed document's table (``None`` where it gives no number)."""
+class PublishedRow:
+    """One row of the published T-GATE table (``None`` where it gives no number)."""
 
     macs: float | None
     params: float | None
@@ -46,9 +48,8 @@ class Architecture:
     warm_up: int = 2
     deepcache: dict | None = None
     scheduler: str | None = None
-    hidden: bool = False
-    seed_baseline: SeedRow | None = None
-    seed_tgate: SeedRow | None = None
+    published_baseline: PublishedRow | None = None
+    published_tgate: PublishedRow | None = None
 
     @property
     def is_unet(self) -> bool:
@@ -116,24 +117,18 @@ class Architecture:
         return model.eval().requires_grad_(False)
 
 
-def _seed_row(data: dict | None) -> SeedRow | None:
+def _published_row(data: dict | None) -> PublishedRow | None:
     if data is None:
         return None
-    return SeedRow(macs=data.get("macs"), params=data.get("params"), latency_s=data.get("latency_s"))
+    return PublishedRow(macs=data.get("macs"), params=data.get("params"), latency_s=data.get("latency_s"))
 
 
-def _read_json(filename: str) -> dict:
-    return json.loads(resources.files(_CONFIG_PACKAGE).joinpath(filename).read_text(encoding="utf-8"))
-
-
-@functools.lru_cache(maxsize=None)
-def architectures() -> dict[str, Architecture]:
-    """Every benchmarked architecture by its CLI name, in the manifest's order."""
-    manifest = _read_json(_MANIFEST)["models"]
+def _read_manifest(manifest: str, read_beside) -> dict[str, Architecture]:
+    """Architectures of one manifest (its text); ``read_beside(filename)`` reads a config beside it."""
     found: dict[str, Architecture] = {}
-    for name, entry in manifest.items():
-        config = _read_json(entry["denoiser_config"])
-        seed = entry.get("seed") or {}
+    for name, entry in json.loads(manifest)["models"].items():
+        config = json.loads(read_beside(entry["denoiser_config"]))
+        published = entry.get("published") or {}
         found[name] = Architecture(
             name=name,
             label=entry["label"],
@@ -150,19 +145,30 @@ def architectures() -> dict[str, Architecture]:
             warm_up=int(entry.get("warm_up", 2)),
             deepcache=entry.get("deepcache"),
             scheduler=entry.get("scheduler"),
-            hidden=bool(entry.get("hidden", False)),
-            seed_baseline=_seed_row(seed.get("baseline")),
-            seed_tgate=_seed_row(seed.get("tgate")),
+            published_baseline=_published_row(published.get("baseline")),
+            published_tgate=_published_row(published.get("tgate")),
         )
     return found
 
 
-def public_architecture_names() -> list[str]:
-    return [name for name, arch in architectures().items() if not arch.hidden]
+@functools.lru_cache(maxsize=None)
+def architectures(extra_manifests: tuple[str, ...] = ()) -> dict[str, Architecture]:
+    """Every architecture by its CLI name: the shipped ones, then those of ``extra_manifests``
+    (paths of ``benchmarks.json`` files), in manifest order."""
+    package = resources.files(_CONFIG_PACKAGE)
+
+    def shipped(filename: str) -> str:
+        return package.joinpath(filename).read_text(encoding="utf-8")
+
+    found = _read_manifest(shipped(_MANIFEST_NAME), shipped)
+    for manifest in map(Path, extra_manifests):
+        found.update(_read_manifest(manifest.read_text(encoding="utf-8"), lambda name, folder=manifest.parent: (folder / name).read_text(encoding="utf-8")))
+    return found
 
 
-def architecture(name: str) -> Architecture:
+def architecture(name: str, extra_manifests: tuple[str, ...] = ()) -> Architecture:
+    known = architectures(extra_manifests)
     try:
-        return architectures()[name]
+        return known[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(architectures())}") from None
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(known)}") from None

@@ -1,8 +1,8 @@
 """Driving a denoiser through a whole generation without a pipeline around it.
 
-T-GATE's engine learns the step from a pipeline's ``progress_bar(total=n)`` and the CFG batch
-from its ``do_classifier_free_guidance`` property. :class:`DenoisingLoop` offers exactly that and
-nothing else (no text encoder, VAE or scheduler), so a full-size denoiser can run a generation
+T-GATE's engine learns the step from a pipeline's ``progress_bar(total=n)``, the latent batch
+from its ``prepare_latents`` and the guidance from its ``do_classifier_free_guidance`` property.
+:class:`DenoisingLoop` offers exactly that and nothing else (no text encoder, VAE or scheduler), so a full-size denoiser can run a generation
 on the ``meta`` device, where counting its MACs costs no compute. The pipeline's own work
 between denoiser calls (scheduler update, guidance arithmetic) is elementwise and holds no MACs.
 """
@@ -87,11 +87,16 @@ class DenoisingLoop:
     def progress_bar(self, iterable=None, total=None):
         return _SilentProgressBar() if iterable is None else iterable
 
+    def prepare_latents(self, sample: torch.Tensor) -> torch.Tensor:
+        """The latents of one prompt: the first row of the (guided) sample."""
+        return sample[:1]
+
     @torch.no_grad()
     def run(self, steps: int, resolution: int | None = None, device: str | torch.device = "meta", dtype=torch.float32, on_step=None) -> None:
         """One generation of ``steps`` solver steps, one denoiser call each; ``on_step(step)``
         runs after each call."""
         args, kwargs = denoiser_inputs(self.arch, 2 if self._cfg else 1, resolution, device, dtype)
+        self.prepare_latents(args[0])
         # Step-aware helpers (DeepCache) find the step by looking the call's timestep up in the
         # scheduler's timesteps, as in a pipeline: UNets get the step's timestep as a 0-dim CPU
         # tensor, which they move to the sample's device themselves.

@@ -5,7 +5,7 @@ architectures cost no compute there); MACs = FLOPs / 2. The counter sees matrix 
 convolutions, which is where all the MACs of these denoisers are.
 
 Counting convention. The attention-score products (QKᵀ and PV, i.e. ``scaled_dot_product_attention``)
-are tracked separately: the seed document's baselines (counted with calflops, which does not see
+are tracked separately: the published table's baselines (counted with calflops, which does not see
 ``scaled_dot_product_attention``) are reproduced exactly when they are left out, so every count
 carries both numbers. On ``meta`` that function would decompose into ``bmm``, which a linear
 layer on a non-contiguous batch also dispatches to; while counting, it is therefore routed to the
@@ -16,12 +16,12 @@ alone and batch size cannot move MACs between the two columns.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..attention_modules import hookable_attentions
 from ..schedule import AttentionAction, TgateSettings, plan_generation
 from .architectures import Architecture
 from .denoising_loop import DenoisingLoop, denoiser_inputs
@@ -85,9 +85,6 @@ class MacsCount:
 
     __rmul__ = __mul__
 
-    def value(self, include_attention_scores: bool) -> int:
-        return self.total if include_attention_scores else self.without_attention_scores
-
 
 ZERO = MacsCount(0, 0)
 
@@ -108,13 +105,6 @@ def count_macs(work) -> MacsCount:
     with attention_as_one_operator(), FlopCounterMode(display=False) as counter:
         work()
     return macs_from_op_flops(counter.get_flop_counts().get("Global", {}))
-
-
-def enable_supports(option: str) -> bool:
-    """Whether this version of ``tgate_kernels.enable`` takes ``option`` (e.g. ``deepcache``)."""
-    from .. import api
-
-    return option in inspect.signature(api.enable).parameters
 
 
 def tgate_enable_kwargs(arch: Architecture, gate_step: int | None = None, deepcache: bool = True, **extra) -> dict:
@@ -164,11 +154,7 @@ class ForwardBreakdown:
 
 def forward_breakdown(arch: Architecture, resolution: int | None = None, denoiser: torch.nn.Module | None = None) -> ForwardBreakdown:
     denoiser = denoiser if denoiser is not None else arch.build_denoiser("meta")
-    attention_kind = {
-        name: bool(module.is_cross_attention)
-        for name, module in denoiser.named_modules()
-        if hasattr(module, "is_cross_attention") and hasattr(module, "processor")
-    }
+    attention_kind = {attention.name: attention.cross for attention in hookable_attentions(denoiser)}
     args, kwargs = denoiser_inputs(arch, 1, resolution)
     with attention_as_one_operator(), FlopCounterMode(display=False) as counter, torch.no_grad():
         denoiser(*args, **kwargs)

@@ -2,8 +2,8 @@
 
 After the gate every cross-attention output is reused, so its projections (``to_q``, ``to_k``,
 ``to_v``, ``to_out``) sit idle, and so does the ``norm2`` that feeds cross-attention in each
-transformer block. The seed document's "params w/ T-GATE" column leaves out the cross-attention
-projections only; both numbers are given.
+transformer block. The published table's "params w/ T-GATE" column leaves out the
+cross-attention projections only; both numbers are given.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..attention_modules import hookable_attentions
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -24,7 +26,7 @@ class ParamsCount:
     cross_attention_norms: int
 
     @property
-    def after_gate_seed_convention(self) -> int:
+    def after_gate_published_convention(self) -> int:
         """Parameters still used after the gate when only cross-attention is taken out."""
         return self.total - self.cross_attention
 
@@ -35,13 +37,14 @@ class ParamsCount:
 
 
 def denoiser_params(denoiser: torch.nn.Module) -> ParamsCount:
-    cross = 0
-    norms = 0
-    for module in denoiser.modules():
-        if hasattr(module, "processor") and getattr(module, "is_cross_attention", False):
-            cross += _count(module)
-        attn2 = getattr(module, "attn2", None)
-        norm2 = getattr(module, "norm2", None)
-        if getattr(attn2, "is_cross_attention", False) and isinstance(norm2, torch.nn.Module):
+    modules = dict(denoiser.named_modules())
+    cross = norms = 0
+    for attention in hookable_attentions(denoiser):
+        if not attention.cross:
+            continue
+        cross += _count(attention.module)
+        parent = modules[attention.name.rpartition(".")[0]]
+        norm2 = getattr(parent, "norm2", None)
+        if getattr(parent, "attn2", None) is attention.module and isinstance(norm2, torch.nn.Module):
             norms += _count(norm2)
     return ParamsCount(total=_count(denoiser), cross_attention=cross, cross_attention_norms=norms)

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from typing import Iterable
 
+from .results import BenchResults
 
-def _tera(value) -> str:
+
+def _count(value, units=((1e12, "T"), (1e9, "G"), (1e6, "M"))) -> str:
+    """A large count with an SI-style unit: MACs in T/G/M, params in B/M."""
     if value is None:
         return "-"
-    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M")):
+    for scale, unit in units:
         if abs(value) >= scale:
             return f"{value / scale:.3f}{unit}"
     return f"{value:.0f}"
 
 
-def _millions(value) -> str:
-    if value is None:
-        return "-"
-    return f"{value / 1e9:.3f}B" if value >= 1e9 else f"{value / 1e6:.3f}M"
+def _params(value) -> str:
+    return _count(value, ((1e9, "B"), (1e6, "M")))
 
 
 def _fixed(value, digits: int = 3) -> str:
@@ -36,100 +35,71 @@ def format_table(headers: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join([line, rule, *body])
 
 
-def macs_table(results: dict) -> str:
-    headers = ["model", "variant", "steps", "gate", "MACs", "ratio", "seed MACs", "seed ratio", "MACs+scores", "ratio+scores", "params", "seed params"]
+def macs_table(results: BenchResults) -> str:
+    headers = ["model", "variant", "steps", "gate", "MACs", "ratio", "published MACs", "published ratio", "MACs+scores",
+               "ratio+scores", "params", "published params"]
     rows = [
         [
-            r["label"],
-            r["variant"],
-            r["steps"],
-            "-" if r["gate_step"] is None else r["gate_step"],
-            _tera(r["macs"]),
-            _fixed(r["macs_ratio"]),
-            _tera(r["seed_macs"]),
-            _fixed(r["seed_macs_ratio"]),
-            _tera(r["macs_with_attention_scores"]),
-            _fixed(r["macs_ratio_with_attention_scores"]),
-            _millions(r["params"]),
-            _millions(r["seed_params"]),
+            r.label,
+            r.variant,
+            r.steps,
+            "-" if r.gate_step is None else r.gate_step,
+            _count(r.macs),
+            _fixed(r.macs_ratio),
+            _count(r.published_macs),
+            _fixed(r.published_macs_ratio),
+            _count(r.macs_with_attention_scores),
+            _fixed(r.macs_ratio_with_attention_scores),
+            _params(r.params),
+            _params(r.published_params),
         ]
-        for r in results["macs"]
+        for r in results.macs
     ]
     return format_table(headers, rows)
 
 
-def latency_table(results: dict) -> str:
-    headers = ["model", "variant", "px", "steps", "gate", "device", "median s", "vs baseline", "vs reference", "peak MB", "note"]
+def latency_table(results: BenchResults) -> str:
+    headers = ["model", "variant", "px", "steps", "gate", "device", "median s", "vs baseline", "MACs predict",
+               "vs reference", "peak MB", "note"]
     rows = [
         [
-            r["label"],
-            r["variant"],
-            r["resolution"],
-            r["steps"],
-            "-" if r["gate_step"] is None else r["gate_step"],
-            f'{r["device"]}/{r["dtype"]}',
-            _fixed(r["median_s"]),
-            _fixed(r["latency_ratio"]),
-            _fixed(r["latency_ratio_vs_reference"]),
-            _fixed(r["peak_memory_mb"], 1),
-            (r["error"] or "")[:60],
+            r.label,
+            r.variant,
+            r.resolution,
+            r.steps,
+            "-" if r.gate_step is None else r.gate_step,
+            f"{r.device}/{r.dtype}",
+            _fixed(r.median_s),
+            _fixed(r.latency_ratio),
+            _fixed(r.macs_ratio),
+            _fixed(r.latency_ratio_vs_reference),
+            _fixed(r.peak_memory_mb, 1),
+            (r.error or "")[:60],
         ]
-        for r in results["latency"]
+        for r in results.latency
     ]
     return format_table(headers, rows)
 
 
-def bookkeeping_table(results: dict) -> str:
+def python_calls_table(results: BenchResults) -> str:
     headers = ["model", "variant", "steps", "Python calls/step", "added/step"]
-    rows = [
-        [r["model"], r["variant"], r["steps"], _fixed(r["calls_per_step"], 1), _fixed(r["added_calls_per_step"], 1)]
-        for r in results["bookkeeping"]
-    ]
+    rows = [[r.model, r.variant, r.steps, _fixed(r.calls_per_step, 1), _fixed(r.added_calls_per_step, 1)] for r in results.python_calls]
     return format_table(headers, rows)
 
 
-def render(results: dict) -> str:
-    parts = ["MACs of a whole generation (denoiser), seed document's settings", macs_table(results), "", results["macs_convention"]]
-    if results["latency"]:
-        parts += ["", "Latency (" + results["latency_scope"] + ")", latency_table(results)]
-        measure = results["latency"][0]["memory_measure"]
-        parts.append(f"peak memory: {measure}")
-    if results["bookkeeping"]:
-        parts += ["", "Python function calls per denoising step", bookkeeping_table(results)]
-    if results["notes"]:
-        parts += ["", *results["notes"]]
+def render(results: BenchResults) -> str:
+    parts = ["MACs of a whole generation (denoiser), published settings", macs_table(results), "", results.macs_convention]
+    if results.latency:
+        parts += ["", "Latency (" + results.latency_scope + ")", latency_table(results)]
+        parts.append(f"peak memory: {results.latency[0].memory_measure}")
+    if results.python_calls:
+        parts += ["", "Python function calls per denoising step", python_calls_table(results)]
+    if results.notes:
+        parts += ["", *results.notes]
     return "\n".join(parts)
 
 
-def _csv_rows(results: dict) -> tuple[list[str], list[dict]]:
-    rows: list[dict] = []
-    for table in ("macs", "latency", "bookkeeping"):
-        for row in results[table]:
-            flat = {"table": table}
-            for key, value in row.items():
-                flat[key] = ";".join(f"{v:.6f}" for v in value) if isinstance(value, list) else value
-            rows.append(flat)
-    columns: list[str] = []
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    return columns, rows
-
-
-def write_json(results: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-
-
-def write_csv(results: dict, path: str) -> None:
-    columns, rows = _csv_rows(results)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_plot(results: dict, path: str) -> None:
+def write_plot(results: BenchResults, path: str) -> None:
     """MACs ratio (from the schedule, every gate step) and measured latency ratio vs gate step."""
     import matplotlib
 
@@ -138,10 +108,10 @@ def write_plot(results: dict, path: str) -> None:
 
     figure, (macs_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     by_model: dict[str, list[dict]] = {}
-    for row in results["macs_sweep"]:
-        by_model.setdefault(row["model"], []).append(row)
+    for row in results.macs_sweep:
+        by_model.setdefault(row.model, []).append(row)
     for model, rows in by_model.items():
-        macs_axis.plot([r["gate_step"] for r in rows], [r["macs_ratio"] for r in rows], marker=".", label=f"{model} ({rows[0]['steps']} steps)")
+        macs_axis.plot([r.gate_step for r in rows], [r.macs_ratio for r in rows], marker=".", label=f"{model} ({rows[0].steps} steps)")
     macs_axis.set_title("MACs ratio T-GATE / baseline (attention scores excluded)")
     macs_axis.set_xlabel("gate_step")
     macs_axis.set_ylabel("ratio")
@@ -150,9 +120,9 @@ def write_plot(results: dict, path: str) -> None:
         macs_axis.legend(fontsize=7)
 
     latency_by: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for row in results["latency"]:
-        if row["gate_step"] is not None and row["latency_ratio"] is not None:
-            latency_by.setdefault((row["model"], row["variant"]), []).append((row["gate_step"], row["latency_ratio"]))
+    for row in results.latency:
+        if row.gate_step is not None and row.latency_ratio is not None:
+            latency_by.setdefault((row.model, row.variant), []).append((row.gate_step, row.latency_ratio))
     for (model, variant), points in latency_by.items():
         points.sort()
         latency_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{model} {variant}")
@@ -168,15 +138,15 @@ def write_plot(results: dict, path: str) -> None:
     plt.close(figure)
 
 
-def write_all(results: dict, directory: str, plot: bool = True) -> dict[str, str]:
+def write_all(results: BenchResults, directory: str, plot: bool = True) -> dict[str, str]:
     os.makedirs(directory, exist_ok=True)
     paths = {
         "json": os.path.join(directory, "bench.json"),
         "csv": os.path.join(directory, "bench.csv"),
         "table": os.path.join(directory, "bench.txt"),
     }
-    write_json(results, paths["json"])
-    write_csv(results, paths["csv"])
+    results.write_json(paths["json"])
+    results.write_csv(paths["csv"])
     with open(paths["table"], "w", encoding="utf-8") as handle:
         handle.write(render(results) + "\n")
     if plot:

@@ -6,24 +6,22 @@ own, and reads the result again for the feed-forward's norm. This hook runs inst
 ``attn1`` → one fused op (both residual additions and the feed-forward's LayerNorm, with
 PixArt's modulation) → feed-forward, skipping ``norm2`` and ``attn2`` entirely.
 
-It only takes over when the block is of a shape it knows (SD/SDXL ``layer_norm`` blocks and
-PixArt ``ada_norm_single`` blocks, no GLIGEN, no positional embedding) and the cross-attention
-cache is filled, in a dtype the fused op supports; every other call goes to the block's own
-forward.
+It is attached only with ``kernels="auto"``, only to blocks of a shape it knows (SD/SDXL
+``layer_norm`` blocks and PixArt ``ada_norm_single`` blocks, no GLIGEN, no positional embedding),
+and it takes over only when the cross-attention cache is filled, in a dtype the fused op
+supports; every other call goes to the block's own forward.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.hooks import ModelHook
-from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention import BasicTransformerBlock
 
-from .. import ops
+from .. import _compat, ops
 from ..schedule import AttentionAction
 from ..state import GenerationState
 from .attention_cache import AttentionCacheHook
-
-HOOK_NAME = "tgate_block_fast_path"
+from .base import TgateHook
 
 _FAST_NORM_TYPES = ("layer_norm", "ada_norm_single")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,33 +55,35 @@ def _same_place(reference: torch.Tensor, *tensors) -> bool:
     return all(t is None or (t.dtype == reference.dtype and t.device == reference.device) for t in tensors)
 
 
-class BlockFastPathHook(ModelHook):
-    """``cross_cache`` is the cache hook of the block's ``attn2``, attached before this one."""
+class BlockFastPathHook(TgateHook):
+    """``cross_cache`` is the cache hook of the block's ``attn2``."""
 
-    def __init__(self, state: GenerationState, cross_cache: AttentionCacheHook | None) -> None:
-        super().__init__()
-        self.state = state
+    name = "tgate_block_fast_path"
+
+    def __init__(self, state: GenerationState, cross_cache: AttentionCacheHook) -> None:
+        super().__init__(state)
         self.cross_cache = cross_cache
 
-    def _takes_over(self, block, hidden_states, cross_hook, cross_attention_kwargs) -> bool:
+    def _cached_cross(self, block, hidden_states, cross_attention_kwargs) -> torch.Tensor | None:
+        """The cached cross-attention output when the fast path can take over, else ``None``."""
         state = self.state
         if (
-            not state.fused_blocks
-            or state.plan is None
+            state.call is None
             or state.plan.cross_attention is not AttentionAction.REUSE
-            or cross_hook is None
-            or cross_hook.cache is None
             or hidden_states.ndim != 3
             or hidden_states.dtype not in _FUSED_DTYPES
             or _autocast_enabled(hidden_states.device.type)
             or (cross_attention_kwargs and "gligen" in cross_attention_kwargs)
         ):
-            return False
+            return None
+        cached = self.cross_cache.cache.lookup(state.call.runs)
         norm = _feed_forward_norm(block)
         modulation = (block.scale_shift_table,) if block.norm_type == "ada_norm_single" else ()
-        return _same_place(hidden_states, norm.weight, norm.bias, cross_hook.cache, *modulation)
+        if cached is None or cached.shape != hidden_states.shape or not _same_place(hidden_states, norm.weight, norm.bias, cached, *modulation):
+            return None
+        return cached
 
-    def new_forward(
+    def forward_in_generation(
         self,
         block,
         hidden_states,
@@ -95,9 +95,9 @@ class BlockFastPathHook(ModelHook):
         class_labels=None,
         added_cond_kwargs=None,
     ):
-        cross_hook = self.cross_cache
-        if not self._takes_over(block, hidden_states, cross_hook, cross_attention_kwargs):
-            return self.fn_ref.original_forward(
+        cross_output = self._cached_cross(block, hidden_states, cross_attention_kwargs)
+        if cross_output is None:
+            return self.original(
                 hidden_states,
                 attention_mask=attention_mask,
                 encoder_hidden_states=encoder_hidden_states,
@@ -107,6 +107,8 @@ class BlockFastPathHook(ModelHook):
                 class_labels=class_labels,
                 added_cond_kwargs=added_cond_kwargs,
             )
+        if self.state.recorder is not None:
+            self.state.recorder.attention(self.state.step, self.cross_cache.denoiser, True, reused=True)
         norm = _feed_forward_norm(block)
         pixart = block.norm_type == "ada_norm_single"
         if pixart:
@@ -120,15 +122,11 @@ class BlockFastPathHook(ModelHook):
         attn_output = block.attn1(
             norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **(cross_attention_kwargs or {})
         )
-        cross_output = cross_hook.reuse()
         modulation = dict(gate=gate_msa, scale=scale_mlp, shift=shift_mlp) if pixart else {}
         hidden_states, norm_hidden_states = ops.post_gate_residual_norm(
             hidden_states, attn_output, cross_output, weight=norm.weight, bias=norm.bias, eps=norm.eps, **modulation
         )
-        if block._chunk_size is not None:
-            ff_output = _chunked_feed_forward(block.ff, norm_hidden_states, block._chunk_dim, block._chunk_size)
-        else:
-            ff_output = block.ff(norm_hidden_states)
+        ff_output = _compat.feed_forward(block, norm_hidden_states)
         if pixart:
             ff_output = gate_mlp * ff_output
         return ff_output + hidden_states

@@ -7,8 +7,8 @@ by: second-order schedulers and PNDM's extra call included, img2img's shortened 
 too). Wrapping the instance's ``progress_bar`` therefore gives the number of steps actually run,
 the current step, and an ``__exit__`` that runs also when the loop raises.
 
-``prepare_latents`` is wrapped to learn the latent batch, which tells a CFG batch (twice as
-large) in pipelines that do not expose ``do_classifier_free_guidance``.
+``prepare_latents`` is wrapped to learn the latent batch, against which the rows of each
+denoiser call tell how many guidance parts it carries.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Callable
 import torch
 
 from ..schedule import TgateSettings
+from ..snapshot import InstanceAttributes
 from ..state import GenerationState
+
+Opening = tuple[TgateSettings, "bool | None"]
 
 
 class _TrackedProgressBar:
@@ -56,21 +59,19 @@ def _tracked_iterable(bar, state: GenerationState):
 
 
 class GenerationTracker:
-    """Installs the ``progress_bar``/``prepare_latents`` wrappers on one pipeline instance."""
+    """Installs the ``progress_bar``/``prepare_latents`` wrappers on one pipeline instance.
 
-    def __init__(
-        self,
-        pipe,
-        state: GenerationState,
-        settings_for_call: Callable[[], TgateSettings | None],
-        detect_cfg: Callable[[object], bool | None],
-    ) -> None:
+    ``opening()`` says, when a denoising loop opens, whether it runs with T-GATE: the settings
+    and what the pipeline says of its guidance, or ``None`` for a plain loop.
+    """
+
+    _WRAPPED = ("progress_bar", "prepare_latents")
+
+    def __init__(self, pipe, state: GenerationState, opening: Callable[[], Opening | None]) -> None:
         self.pipe = pipe
         self.state = state
-        self.settings_for_call = settings_for_call
-        self.detect_cfg = detect_cfg
-        self._saved: dict[str, object] = {}
-        self._installed: list[str] = []
+        self.opening = opening
+        self._saved: list[InstanceAttributes] = []
 
     def install(self) -> None:
         pipe = self.pipe
@@ -79,16 +80,12 @@ class GenerationTracker:
         state = self.state
 
         def progress_bar(iterable=None, total=None):
-            settings = self.settings_for_call()
-            if settings is None:
+            state.check_free()
+            num_steps = len(iterable) if iterable is not None else total
+            opening = self.opening() if num_steps else None
+            if opening is None:
                 return original_progress_bar(iterable=iterable, total=total)
-            if iterable is not None:
-                num_steps = len(iterable)
-            elif total is not None:
-                num_steps = int(total)
-            else:
-                return original_progress_bar(iterable=iterable, total=total)
-            state.begin(settings, num_steps, self.detect_cfg(pipe))
+            state.begin(opening[0], int(num_steps), opening[1])
             try:
                 bar = original_progress_bar(iterable=iterable, total=total)
             except BaseException:
@@ -101,22 +98,17 @@ class GenerationTracker:
         def prepare_latents(*args, **kwargs):
             result = original_prepare_latents(*args, **kwargs)
             latents = result[0] if isinstance(result, (tuple, list)) else result
-            if isinstance(latents, torch.Tensor):
-                state.latent_batch = latents.shape[0]
+            if isinstance(latents, torch.Tensor) and not state.active:
+                state.guidance.latent_batch = latents.shape[0]
             return result
 
-        self._saved = {name: pipe.__dict__[name] for name in ("progress_bar", "prepare_latents") if name in pipe.__dict__}
-        self._installed = ["progress_bar"]
+        self._saved = [InstanceAttributes([pipe], name) for name in self._WRAPPED]
         pipe.progress_bar = progress_bar
         if original_prepare_latents is not None:
             pipe.prepare_latents = prepare_latents
-            self._installed.append("prepare_latents")
 
     def uninstall(self) -> None:
-        for name in self._installed:
-            if name in self._saved:
-                setattr(self.pipe, name, self._saved[name])
-            else:
-                self.pipe.__dict__.pop(name, None)
-        self._installed = []
+        for saved in self._saved:
+            saved.restore()
+        self._saved = []
         self.state.end()

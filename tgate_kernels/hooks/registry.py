@@ -1,74 +1,85 @@
-"""Attaching hooks to modules through diffusers' ``HookRegistry``, and removing them cleanly.
+"""Attaching T-GATE's hooks through diffusers' ``HookRegistry``, keeping them in the chain, and
+taking them out so the module is what it was before.
 
-diffusers' registry composes with its own caches and offloading hooks. Two things need care on
-removal, so that a module after ``disable()`` is what it was before ``enable()``:
-
-* removing the last hook leaves an instance ``forward`` and an empty registry behind: both go;
-* a hook registered after ours (a diffusers cache, say) must keep running: ours is taken out of
-  the middle of the chain;
-* accelerate (``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``) wraps whatever
-  ``forward`` it finds and keeps it as ``module._old_forward``. When it wrapped ours, the
-  registry must not overwrite accelerate's wrapper: ours is taken out from under it instead.
+Other libraries wrap the same ``forward``: diffusers' own cache hooks (in the same registry),
+accelerate's offloading (which wraps whatever ``forward`` it finds, and puts back what it wrapped
+when its hooks are removed, as ``enable_model_cpu_offload`` does after every call). So a hook
+can fall out of the chain without T-GATE doing anything: :func:`ensure_in_chain` notices and
+puts it back, and :func:`detach` takes it out from wherever it is.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import HookRegistry
+
+from .. import _compat
+from .base import InstallRecord, TgateHook
 
 
-def attach(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-    had_registry = hasattr(module, "_diffusers_hook")
+def attach(module: torch.nn.Module, hook: TgateHook, had_registry: bool | None = None) -> None:
+    """Register ``hook`` on ``module`` (``had_registry``: whether the module had a registry before
+    T-GATE first attached this hook, when re-attaching it)."""
+    if had_registry is None:
+        had_registry = _compat.registry_of(module) is not None
     had_forward = "forward" in module.__dict__
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-    hook._tgate_restore = (had_registry, had_forward, module.forward)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, hook.name)
+    own = _compat.hook_forward_reference(registry, hook.name).forward
+    hook.installed = InstallRecord(had_registry, had_forward, module.forward, own)
+
+
+def attached(module: torch.nn.Module, name: str) -> TgateHook | None:
+    registry = _compat.registry_of(module)
+    return None if registry is None else registry.get_hook(name)
 
 
 def detach(module: torch.nn.Module, name: str) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
+    """Take hook ``name`` off ``module``; a no-op when it is not there."""
+    registry = _compat.registry_of(module)
     hook = None if registry is None else registry.get_hook(name)
     if hook is None:
         return
-    had_registry, had_forward, our_forward = hook._tgate_restore
-    wrapped_by_accelerate = module.__dict__.get("forward") is not our_forward and (
-        module.__dict__.get("_old_forward") is our_forward
-    )
-    if registry._hook_order[-1] != name:
-        _remove_from_inside_the_chain(registry, name)
+    record = hook.installed
+    forward = module.__dict__.get("forward")
+    if _compat.hook_names(registry)[-1] != name:
+        _compat.remove_hook_from_chain(registry, name)
         return
-    if wrapped_by_accelerate:
-        outer = module.__dict__["forward"]
-        module.forward = our_forward
+    if forward is record.forward:
         registry.remove_hook(name, recurse=False)
-        module._old_forward = module.forward
-        module.forward = outer
-    else:
+        if not registry.hooks and not record.had_forward:
+            module.__dict__.pop("forward", None)
+    elif _compat.wrapped_by_accelerate(module, record.forward):
+        # accelerate wrapped ours: take ours out from under its wrapper
+        module.forward = record.forward
         registry.remove_hook(name, recurse=False)
-    if registry.hooks:
-        return
-    if not had_forward and not wrapped_by_accelerate:
-        module.__dict__.pop("forward", None)
-    if not had_registry:
-        del module._diffusers_hook
-
-
-def _remove_from_inside_the_chain(registry: HookRegistry, name: str) -> None:
-    """Take out a hook that others were registered after. diffusers' ``remove_hook`` would
-    overwrite the next hook's ``forward``, which for a hook with its own ``new_forward`` is that
-    hook itself; the next hook's ``original_forward`` is what must point past ours."""
-    index = registry._hook_order.index(name)
-    ours, following = registry._fn_refs[index], registry._fn_refs[index + 1]
-    below = ours.original_forward if ours.original_forward is not None else ours.forward
-    if following.original_forward is not None:
-        following.original_forward = below
+        _compat.replace_under_accelerate(module, module.forward)
+        module.forward = forward
     else:
-        following.forward = below
-    hook = registry.hooks.pop(name)
-    registry._hook_order.pop(index)
-    registry._fn_refs.pop(index)
-    hook.deinitalize_hook(registry._module_ref)
+        # someone already put back the forward ours wrapped: forget ours, touch nothing else
+        _compat.forget_hook(registry, name)
+        _compat.deinitialize(hook, module)
+    if not registry.hooks and not record.had_registry:
+        _compat.delete_registry(module)
 
 
-def attached(module: torch.nn.Module, name: str) -> ModelHook | None:
-    registry = getattr(module, "_diffusers_hook", None)
-    return None if registry is None else registry.get_hook(name)
+def ensure_in_chain(module: torch.nn.Module, hook: TgateHook) -> bool:
+    """Make sure ``hook`` runs when ``module`` is called; ``True`` if it had to be put back.
+
+    Two ways out of the chain are known: accelerate putting back the forward it wrapped (ours is
+    gone from ``module.forward``), and diffusers removing a hook registered before ours (which
+    overwrites our ``new_forward``)."""
+    registry = _compat.registry_of(module)
+    had_registry = hook.installed.had_registry
+    if registry is None or registry.get_hook(hook.name) is not hook:
+        attach(module, hook, had_registry)
+        return True
+    repaired = _compat.repair_hook_chain(registry, hook.name, hook.installed.own)
+    if _compat.hook_names(registry)[-1] != hook.name:
+        return repaired  # hooks registered after ours wrap it
+    forward = module.__dict__.get("forward")
+    if forward is hook.installed.forward or _compat.wrapped_by_accelerate(module, hook.installed.forward):
+        return repaired
+    _compat.forget_hook(registry, hook.name)
+    attach(module, hook, had_registry)
+    return True

@@ -174,6 +174,7 @@ def kernel_status() -> dict[str, Any]:
         "triton": triton,
         "triton_error": triton_error,
         "cuda": cuda,
+        "fallback_warned": sorted(_warned_backends),
         "backends": {
             "cpu": "c++" if extension_loaded() else "reference",
             "cuda": ("triton" if triton else "reference") if cuda else "unavailable",

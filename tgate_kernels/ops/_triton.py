@@ -40,6 +40,15 @@ def _post_gate_residual_norm_kernel(
     n_out_ptr,
     rows_per_batch,
     d,
+    hidden_stride_b,
+    hidden_stride_n,
+    hidden_stride_d,
+    attn_stride_b,
+    attn_stride_n,
+    attn_stride_d,
+    cross_stride_b,
+    cross_stride_n,
+    cross_stride_d,
     gate_row_stride,
     scale_row_stride,
     shift_row_stride,
@@ -52,15 +61,26 @@ def _post_gate_residual_norm_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     batch = row // rows_per_batch
+    token = row % rows_per_batch
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
-    offsets = row * d + cols
+    out_offsets = row * d + cols
 
-    # hidden/attn/cross are read exactly once: don't let them displace the small
-    # per-channel operands that every row reuses.
-    x = tl.load(hidden_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    a = tl.load(attn_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    c = tl.load(cross_ptr + offsets, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    # hidden/attn/cross are read exactly once, through their own strides (no copy is made of a
+    # non-contiguous input): don't let them displace the small per-channel operands that every
+    # row reuses.
+    x = tl.load(
+        hidden_ptr + batch * hidden_stride_b + token * hidden_stride_n + cols * hidden_stride_d,
+        mask=mask, other=0.0, eviction_policy="evict_first",
+    ).to(tl.float32)
+    a = tl.load(
+        attn_ptr + batch * attn_stride_b + token * attn_stride_n + cols * attn_stride_d,
+        mask=mask, other=0.0, eviction_policy="evict_first",
+    ).to(tl.float32)
+    c = tl.load(
+        cross_ptr + batch * cross_stride_b + token * cross_stride_n + cols * cross_stride_d,
+        mask=mask, other=0.0, eviction_policy="evict_first",
+    ).to(tl.float32)
     if HAS_GATE:
         g = tl.load(gate_ptr + batch * gate_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         a = g * a
@@ -69,7 +89,7 @@ def _post_gate_residual_norm_kernel(
     # Normalise the h that is returned (rounded to the output dtype), so that
     # n == layer_norm(h) holds for the tensors the caller sees; same as the C++ kernel.
     h_rounded = h.to(h_out_ptr.dtype.element_ty)
-    tl.store(h_out_ptr + offsets, h_rounded, mask=mask)
+    tl.store(h_out_ptr + out_offsets, h_rounded, mask=mask)
     h = h_rounded.to(tl.float32)
 
     mean = tl.sum(h, axis=0) / d
@@ -85,14 +105,26 @@ def _post_gate_residual_norm_kernel(
         s = tl.load(scale_ptr + batch * scale_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         t = tl.load(shift_ptr + batch * shift_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         n = n * (1.0 + s) + t
-    tl.store(n_out_ptr + offsets, n.to(n_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(n_out_ptr + out_offsets, n.to(n_out_ptr.dtype.element_ty), mask=mask)
+
+
+def _unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` with consecutive channels adjacent in memory (already so for the views blocks pass)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def _row_stride(t: Optional[torch.Tensor], name: str, hidden: torch.Tensor) -> int:
     """Elements between consecutive batch items' modulation rows (0 when shared)."""
     if t is None:
         return 0
-    return hidden.shape[-1] if modulation_rows(t, name, hidden) > 1 else 0
+    return t.stride(0) if modulation_rows(t, name, hidden) > 1 else 0
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, token, channel) strides of a (B, N, D) tensor; a (rows, D) one is one batch."""
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, t.stride(0), t.stride(1)
 
 
 def post_gate_residual_norm_triton(
@@ -108,7 +140,9 @@ def post_gate_residual_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel; same positional signature as the operator schema.
 
-    Non-contiguous inputs are made contiguous first; outputs are contiguous.
+    Every input is read through its strides (PixArt's modulation rows are views into one
+    table); only a per-channel operand whose channels are not adjacent is copied. Outputs are
+    contiguous.
     """
     check_inputs(hidden, attn_out, cross, gate, weight, bias, scale, shift)
     d = hidden.shape[-1]
@@ -119,16 +153,12 @@ def post_gate_residual_norm_triton(
         )
     rows = hidden.numel() // d
     rows_per_batch = hidden.shape[1] if hidden.dim() == 3 else rows
+    gate, weight, bias, scale, shift = (_unit_stride(t) for t in (gate, weight, bias, scale, shift))
     gate_row_stride = _row_stride(gate, "gate", hidden)
     scale_row_stride = _row_stride(scale, "scale", hidden)
     shift_row_stride = _row_stride(shift, "shift", hidden)
-
-    hidden, attn_out, cross = hidden.contiguous(), attn_out.contiguous(), cross.contiguous()
-    gate, weight, bias, scale, shift = (
-        None if t is None else t.contiguous() for t in (gate, weight, bias, scale, shift)
-    )
-    h_out = torch.empty_like(hidden)
-    n_out = torch.empty_like(hidden)
+    h_out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    n_out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     if rows == 0:
         return h_out, n_out
 
@@ -136,7 +166,7 @@ def post_gate_residual_norm_triton(
     num_warps = min(max(block_d // 256, 1), 8)
     # Absent operands are never dereferenced (their HAS_* flag is off), but every
     # pointer argument needs a tensor.
-    placeholder = hidden
+    placeholder = h_out
     with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
         _post_gate_residual_norm_kernel[(rows,)](
             hidden,
@@ -151,6 +181,9 @@ def post_gate_residual_norm_triton(
             n_out,
             rows_per_batch,
             d,
+            *_strides(hidden),
+            *_strides(attn_out),
+            *_strides(cross),
             gate_row_stride,
             scale_row_stride,
             shift_row_stride,

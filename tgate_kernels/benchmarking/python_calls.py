@@ -1,4 +1,4 @@
-"""Python bookkeeping an accelerator adds to a pipeline: function calls per denoising step.
+"""The Python bookkeeping an accelerator adds to a pipeline: function calls per denoising step.
 
 Every Python function call (``sys.setprofile`` "call" events, C functions excluded) made during
 one whole generation is counted, and divided by the number of steps. The difference to the plain
@@ -42,7 +42,7 @@ def count_python_calls(work: Callable[[], object]) -> int:
     return calls
 
 
-def measure_bookkeeping(arch, *, resolution: int, steps: int, gate_step: int, tgate_kwargs: dict, include_reference: bool = True) -> dict[str, CallCount]:
+def measure_python_calls(arch, *, resolution: int, steps: int, gate_step: int, tgate_kwargs: dict, include_reference: bool = True) -> dict[str, CallCount]:
     """Calls per step of one generation: plain pipeline, T-GATE, and the reference ``tgate``."""
     import copy
 

@@ -1,0 +1,107 @@
+"""Which modules of a denoiser are attentions T-GATE can cache, and of which kind.
+
+One predicate serves the engine (what it hooks) and the benchmarks (what they count), so both
+speak of the same modules. The kind is a property of the *module*, decided once when T-GATE is
+enabled, never from how a call happens to pass its arguments: Lumina-Next passes
+``encoder_hidden_states`` to its self-attention, and it is still self-attention.
+
+A module is cross-attention when its keys and values come from another input by construction:
+diffusers says so (``is_cross_attention``: reliable where it exists, and it says *self* for
+AnimateDiff's temporal ``attn2``), or, for attention classes without it (LTX-Video's,
+Kandinsky 5's), its block places it where blocks put cross-attention (``attn2``, ``cross_attn``,
+``cross_attention``), or its key projection reads a different width than its query projection. Attention that adds its own residual or rescales its
+output (DeepFloyd IF's, the VAE's) is not cacheable: caching its output would freeze the residual
+stream too. Attention that also attends to added text tokens (``added_kv_proj_dim``: SD3's and
+FLUX's joint attention) mixes both kinds and is not cacheable either.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import Attention
+
+
+class AttentionKind(enum.Enum):
+    SELF = "self"
+    CROSS = "cross"
+
+
+_CROSS_PLACES = frozenset({"attn2", "cross_attn", "cross_attention", "attn_cross"})
+_SELF_PLACES = frozenset({"attn1", "self_attn", "self_attention", "attn_self"})
+
+
+@dataclass(frozen=True)
+class HookableAttention:
+    """An attention module of a denoiser that T-GATE caches."""
+
+    name: str
+    module: torch.nn.Module
+    kind: AttentionKind
+
+    @property
+    def cross(self) -> bool:
+        return self.kind is AttentionKind.CROSS
+
+
+def is_attention(module: torch.nn.Module) -> bool:
+    return isinstance(module, (Attention, AttentionModuleMixin))
+
+
+def adds_own_residual(module: torch.nn.Module) -> bool:
+    return (
+        bool(getattr(module, "residual_connection", False))
+        or getattr(module, "rescale_output_factor", 1.0) != 1.0
+        or getattr(module, "spatial_norm", None) is not None
+        or isinstance(getattr(module, "processor", None), _residual_processors())
+    )
+
+
+def _residual_processors() -> tuple[type, ...]:
+    """Processors that add the attention's input to its output themselves (the added-KV
+    attention of DeepFloyd IF, UnCLIP and Kandinsky UNets)."""
+    from diffusers.models import attention_processor
+
+    names = ("AttnAddedKVProcessor", "AttnAddedKVProcessor2_0", "XFormersAttnAddedKVProcessor")
+    return tuple(c for c in (getattr(attention_processor, n, None) for n in names) if isinstance(c, type))
+
+
+def is_joint_attention(module: torch.nn.Module) -> bool:
+    return getattr(module, "added_kv_proj_dim", None) is not None
+
+
+def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:
+    """The kind of attention ``module`` is (``place``: its attribute name in its parent), or
+    ``None`` when it is not an attention T-GATE can cache."""
+    if not is_attention(module) or adds_own_residual(module):
+        return None
+    declared = getattr(module, "is_cross_attention", None)
+    if declared is True:
+        # also with added key/value projections: Wan's image-to-video cross-attention reads
+        # image tokens beside the text, still not the query's own tokens
+        return AttentionKind.CROSS
+    if is_joint_attention(module):
+        return None
+    if declared is False:
+        return AttentionKind.SELF
+    if place in _CROSS_PLACES:
+        return AttentionKind.CROSS
+    if place in _SELF_PLACES:
+        return AttentionKind.SELF
+    query, key = getattr(module, "to_q", None), getattr(module, "to_k", None)
+    if isinstance(query, torch.nn.Linear) and isinstance(key, torch.nn.Linear) and key.in_features != query.in_features:
+        return AttentionKind.CROSS
+    return None
+
+
+def hookable_attentions(denoiser: torch.nn.Module) -> list[HookableAttention]:
+    """Every attention of ``denoiser`` T-GATE caches, in module order."""
+    found = []
+    for name, module in denoiser.named_modules():
+        kind = attention_kind(module, name.rpartition(".")[2])
+        if kind is not None:
+            found.append(HookableAttention(name, module, kind))
+    return found

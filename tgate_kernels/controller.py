@@ -1,0 +1,267 @@
+"""Everything T-GATE attached to one pipeline, and the settings it runs with.
+
+One :class:`TgateController` per pipeline, kept in the pipeline's ``__dict__``. It installs the
+hooks (each a no-op outside a generation), keeps them attached when others rewire the pipeline
+(offloading re-applied after every call, a component swapped, a hook removed from under ours),
+and takes every one of them out again. Installing is all or nothing; uninstalling is idempotent,
+so an interrupted ``disable()`` completes when it runs again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from . import _compat, adapters
+from .deepcache import DeepCacheCoordinator
+from .guidance import KeptPart
+from .guided_arguments import GuidedArguments
+from .hooks.attention_cache import AttentionCacheHook
+from .hooks.base import TgateHook
+from .hooks.block_fast_path import BlockFastPathHook, supports_fast_path
+from .hooks.denoiser import DenoiserHook
+from .hooks.generation import GenerationTracker, Opening
+from .hooks.registry import attach, attached, detach, ensure_in_chain
+from .options import KernelMode
+from .pag import PagAfterGate
+from .schedule import TgateSettings
+from .snapshot import InstanceAttributes
+from .state import GenerationState
+
+_CONTROLLER_ATTR = "_tgate_controller"
+
+COPY_REFUSAL = (
+    "a pipeline with T-GATE enabled cannot be deep-copied (the copy's hooks would drive the original's "
+    "generation): call tgate_kernels.disable(pipe) first, copy, then enable each pipeline."
+)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """What a pipeline runs with: the schedule, the options, and whether plain calls are gated."""
+
+    settings: TgateSettings
+    kernels: KernelMode = KernelMode.AUTO
+    kept: KeptPart = KeptPart.AUTO
+    deepcache: DeepCacheCoordinator | None = None
+    gates_plain_calls: bool = False
+    default_steps: int | None = None
+    """``num_inference_steps`` a loader was given: the default of ``pipe.tgate``."""
+
+
+class TgateController:
+    def __init__(self, pipe, configuration: Configuration) -> None:
+        self.parts = adapters.pipeline_parts(pipe)
+        adapters.check_pipeline(pipe, runs=True)
+        self.pipe = pipe
+        self.configuration = configuration
+        self.state = GenerationState(adapters.guidance_tracker(pipe, self.parts, configuration.kept))
+        self._call_settings: TgateSettings | None = None
+        self._tracker = GenerationTracker(pipe, self.state, self._opening)
+        self._hooks: list[tuple[torch.nn.Module, TgateHook]] = []
+        self._fast_blocks: list[torch.nn.Module] = []
+        self._components: dict[str, int] = {}
+        self._pipe_tgate: InstanceAttributes | None = None
+        self._pag = PagAfterGate([d.module for d in self.parts.denoisers]) if hasattr(type(pipe), "do_perturbed_attention_guidance") else None
+
+    # -- installing ------------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Attach every hook; on any failure (or interrupt) nothing stays attached."""
+        for denoiser in self.parts.denoisers:
+            if attached(denoiser.module, DenoiserHook.name) is not None:
+                raise ValueError(
+                    f"`pipe` shares its {type(denoiser.module).__name__} (`{denoiser.attribute}`) with another "
+                    f"pipeline T-GATE is enabled on (pipelines made with `from_pipe` or from another's components "
+                    f"do); disable that one first."
+                )
+        try:
+            for denoiser in self.parts.denoisers:
+                hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, GuidedArguments(denoiser.module))
+                self._attach(denoiser.module, hook)
+                for attention in denoiser.attentions:
+                    cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross)
+                    self._attach(attention.module, cache)
+                    self.state.add_cache(cache)
+            if self._pag is not None:
+                self.state.add_listener(self._pag)
+            self._tracker.install()
+            self._pipe_tgate = InstanceAttributes([self.pipe], "tgate")
+            self.pipe.tgate = types.MethodType(_tgate_call, self.pipe)
+            self._components = self._component_ids()
+            self.apply(self.configuration)
+            for denoiser in self.parts.denoisers:
+                _compat.invalidate_child_registries(denoiser.module)
+        except BaseException:
+            self.uninstall()
+            raise
+
+    def _attach(self, module: torch.nn.Module, hook: TgateHook) -> None:
+        attach(module, hook)
+        self._hooks.append((module, hook))
+
+    def uninstall(self) -> None:
+        """Remove everything ``install`` attached; safe on a partial install, and to run again."""
+        self._tracker.uninstall()
+        self._set_deepcache(None)
+        if self._pag is not None:
+            self.state.remove_listener(self._pag)
+        self._set_fast_blocks(False)
+        while self._hooks:
+            module, hook = self._hooks[-1]
+            detach(module, hook.name)
+            self.state.remove_cache(hook)
+            self._hooks.pop()
+        if self._pipe_tgate is not None:
+            self._pipe_tgate.restore()
+            self._pipe_tgate = None
+        for denoiser in self.parts.denoisers:
+            _compat.invalidate_child_registries(denoiser.module)
+
+    def __deepcopy__(self, memo):
+        raise TypeError(COPY_REFUSAL)
+
+    # -- configuration ---------------------------------------------------------------------
+
+    def apply(self, configuration: Configuration) -> None:
+        """Run with ``configuration`` from the next call on (validated by whoever built it)."""
+        self._set_deepcache(configuration.deepcache)
+        self._set_fast_blocks(configuration.kernels is KernelMode.AUTO)
+        self.state.guidance.kept_option = configuration.kept
+        self.configuration = configuration
+
+    def _set_deepcache(self, coordinator: DeepCacheCoordinator | None) -> None:
+        current = self.configuration.deepcache
+        if current is not None and current is not coordinator:
+            current.unwrap()
+            self.state.remove_listener(current)
+        if coordinator is not None and coordinator is not current:
+            self.state.add_listener(coordinator)
+        self.configuration = replace(self.configuration, deepcache=coordinator)
+
+    def _set_fast_blocks(self, fused: bool) -> None:
+        if fused and not self._fast_blocks:
+            for denoiser in self.parts.denoisers:
+                for block in denoiser.module.modules():
+                    cross_cache = attached(block.attn2, AttentionCacheHook.name) if supports_fast_path(block) else None
+                    if cross_cache is not None:
+                        self._attach(block, BlockFastPathHook(self.state, cross_cache))
+                        self._fast_blocks.append(block)
+        elif not fused:
+            while self._fast_blocks:
+                block = self._fast_blocks[-1]
+                detach(block, BlockFastPathHook.name)
+                self._hooks = [(m, h) for m, h in self._hooks if m is not block or h.name != BlockFastPathHook.name]
+                self._fast_blocks.pop()
+
+    # -- calls -----------------------------------------------------------------------------
+
+    def _opening(self) -> Opening | None:
+        settings = self._call_settings
+        if settings is None and self.configuration.gates_plain_calls:
+            settings = self.configuration.settings
+        if settings is None:
+            return None
+        self.keep_attached()
+        return settings, adapters.says_guided(self.pipe)
+
+    def keep_attached(self) -> None:
+        """Before a generation: follow a swapped component, and put back any hook someone took
+        out of its module's forward chain."""
+        if self._component_ids() != self._components:
+            self._reinstall()
+            return
+        for module, hook in self._hooks:
+            ensure_in_chain(module, hook)
+
+    def _component_ids(self) -> dict[str, int]:
+        return {name: id(module) for name, module in adapters._components(self.pipe).items()}
+
+    def _reinstall(self) -> None:
+        configuration = self.configuration
+        self.uninstall()
+        try:
+            self.parts = adapters.pipeline_parts(self.pipe)
+        except ValueError:
+            self.pipe.__dict__.pop(_CONTROLLER_ATTR, None)
+            raise
+        self._pag = PagAfterGate([d.module for d in self.parts.denoisers]) if self._pag is not None else None
+        self.configuration = replace(configuration, deepcache=None)
+        self.install()
+        self.apply(configuration)
+
+    @contextlib.contextmanager
+    def settings_for_one_call(self, settings: TgateSettings) -> Iterator[None]:
+        previous = self._call_settings
+        self._call_settings = settings
+        try:
+            yield
+        finally:
+            self._call_settings = previous
+            self.state.end()
+
+    # -- what tests and benchmarks may read ----------------------------------------------------
+
+    @property
+    def hooks(self) -> list[tuple[torch.nn.Module, TgateHook]]:
+        return list(self._hooks)
+
+    @property
+    def fast_blocks(self) -> list[torch.nn.Module]:
+        return list(self._fast_blocks)
+
+
+def controller_of(pipe) -> TgateController | None:
+    return getattr(pipe, "__dict__", {}).get(_CONTROLLER_ATTR)
+
+
+def configure(pipe, configuration: Configuration) -> TgateController:
+    """Give ``pipe`` this configuration, installing T-GATE first if needed. Everything in
+    ``configuration`` was validated before, so nothing is modified on bad input."""
+    controller = controller_of(pipe)
+    if controller is None:
+        controller = TgateController(pipe, replace(configuration, deepcache=None))
+        controller.install()
+        pipe.__dict__[_CONTROLLER_ATTR] = controller
+    controller.apply(configuration)
+    return controller
+
+
+def remove(pipe) -> None:
+    """Take T-GATE off ``pipe``; safe to run again if it was interrupted."""
+    controller = controller_of(pipe)
+    if controller is not None:
+        controller.uninstall()
+        pipe.__dict__.pop(_CONTROLLER_ATTR, None)
+
+
+def _tgate_call(
+    self,
+    *args,
+    gate_step: int | float | None = None,
+    num_inference_steps: int | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
+    lcm: bool | None = None,
+    **kwargs,
+):
+    """The pipeline's ordinary call with T-GATE settings: ``pipe.tgate(prompt, gate_step=10,
+    num_inference_steps=25, **any pipeline argument)``. Settings not given here come from the
+    loader (or ``enable``); settings given here win."""
+    controller = controller_of(self)
+    if controller is None:
+        raise RuntimeError("`pipe.tgate` was called on a pipeline that T-GATE is no longer attached to.")
+    settings = controller.configuration.settings.updated(
+        gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm
+    )
+    steps = num_inference_steps if num_inference_steps is not None else controller.configuration.default_steps
+    if steps is not None:
+        settings.resolve_gate_step(steps)
+        kwargs["num_inference_steps"] = steps
+    with controller.settings_for_one_call(settings):
+        return self(*args, **kwargs)

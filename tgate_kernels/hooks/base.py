@@ -1,0 +1,62 @@
+"""The base of every T-GATE hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from diffusers.hooks import ModelHook
+
+from ..state import GenerationState
+
+
+@dataclass(frozen=True)
+class InstallRecord:
+    """What attaching a hook changed on its module, so that taking it out restores exactly that.
+
+    ``forward`` is the ``module.forward`` the registry installed for this hook; ``own`` is the
+    registry's reference to this hook's ``new_forward``.
+    """
+
+    had_registry: bool
+    had_forward: bool
+    forward: Callable
+    own: Callable
+
+
+class TgateHook(ModelHook):
+    """A diffusers ``ModelHook`` that passes every call straight through unless a generation of
+    its pipeline runs in the calling thread; then :meth:`forward_in_generation` decides."""
+
+    name: ClassVar[str]
+
+    def __init__(self, state: GenerationState) -> None:
+        super().__init__()
+        self.state = state
+        self.installed: InstallRecord | None = None
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.state.runs_here():
+            return self.forward_in_generation(module, *args, **kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def forward_in_generation(self, module, *args, **kwargs):
+        raise NotImplementedError
+
+    def original(self, *args, **kwargs):
+        """The module's forward below this hook."""
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def detached(self, module) -> None:
+        """Called when the hook is taken off its module."""
+
+    def deinitalize_hook(self, module):
+        # diffusers' spelling of the removal callback
+        self.detached(module)
+        return module
+
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "a module with T-GATE hooks cannot be deep-copied (the copy's hooks would drive the original's "
+            "generation): call tgate_kernels.disable(pipe) first, copy, then enable each pipeline."
+        )

@@ -1,0 +1,109 @@
+"""A read-only view of what T-GATE attached to a pipeline and what its last call did.
+
+``tgate_kernels.view(pipe)`` is what tests, benchmarks and curious users read instead of the
+controller's internals::
+
+    view = tgate_kernels.view(pipe)
+    view.attentions            # every hooked attention: denoiser, module name, kind
+    with view.record() as record:
+        pipe(prompt)
+    record.computed(step=12, cross=True)   # 0 after the gate
+    view.last_generation       # steps run, gate step, how the pipeline guided
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from .attention_modules import AttentionKind
+from .recording import StepRecorder
+
+if TYPE_CHECKING:
+    from .controller import TgateController
+
+
+@dataclass(frozen=True)
+class HookedAttention:
+    denoiser: str
+    name: str
+    module: torch.nn.Module
+    kind: AttentionKind
+
+    @property
+    def cross(self) -> bool:
+        return self.kind is AttentionKind.CROSS
+
+
+class TgateView:
+    def __init__(self, controller: "TgateController") -> None:
+        self._controller = controller
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the ordinary ``pipe(...)`` call runs with T-GATE (else only ``pipe.tgate``)."""
+        return self._controller.configuration.gates_plain_calls
+
+    @property
+    def settings(self):
+        return self._controller.configuration.settings
+
+    @property
+    def kernels(self):
+        return self._controller.configuration.kernels
+
+    @property
+    def kept_part(self):
+        return self._controller.configuration.kept
+
+    @property
+    def deepcache(self) -> dict | None:
+        coordinator = self._controller.configuration.deepcache
+        return None if coordinator is None else dict(coordinator.options)
+
+    @property
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """The hooked denoisers by pipeline attribute (``unet``, ``transformer_2``, ``controlnet``)."""
+        return self._controller.parts.components()
+
+    @property
+    def attentions(self) -> tuple[HookedAttention, ...]:
+        return tuple(
+            HookedAttention(d.attribute, a.name, a.module, a.kind)
+            for d in self._controller.parts.denoisers
+            for a in d.attentions
+        )
+
+    @property
+    def fast_blocks(self) -> tuple[torch.nn.Module, ...]:
+        """Transformer blocks that run the fused post-gate path (``kernels="auto"``)."""
+        return tuple(self._controller.fast_blocks)
+
+    @property
+    def hooked_modules(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(module for module, _ in self._controller.hooks)
+
+    @property
+    def last_generation(self):
+        """Steps, gate step and guidance of the last generation (``None`` before the first)."""
+        return self._controller.state.last
+
+    @property
+    def kernel_backends(self) -> dict:
+        from .ops import kernel_status
+
+        return kernel_status()
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[StepRecorder]:
+        """Record what the hooks do, per step, while the block runs (the last generation is kept)."""
+        state = self._controller.state
+        recorder = StepRecorder()
+        outer, state.recorder = state.recorder, recorder
+        try:
+            yield recorder
+        finally:
+            state.recorder = outer
