@@ -6,7 +6,7 @@ a gate step, drop classifier-free guidance after it and cache self-attention on 
 
 from ._compat import check_private_api
 from .api import disable, enable, enabled, is_enabled, view
-from .guidance import KeptPart
+from .guidance import GuidanceNotRecognised, KeptPart
 from .loaders import (
     TgatePixArtAlphaLoader,
     TgatePixArtLoader,
@@ -19,6 +19,7 @@ from .loaders import (
 )
 from .options import KernelMode
 from .schedule import AttentionAction, StepPlan, TgateSettings, plan_generation, plan_step
+from .state import ConcurrentGenerationError
 from .view import TgateView
 
 check_private_api()
@@ -34,6 +35,8 @@ __all__ = [
     "TgateView",
     "KernelMode",
     "KeptPart",
+    "GuidanceNotRecognised",
+    "ConcurrentGenerationError",
     "TgateSDLoader",
     "TgateSDXLLoader",
     "TgatePixArtLoader",

@@ -177,3 +177,26 @@ def feed_forward(block: torch.nn.Module, hidden_states: torch.Tensor) -> torch.T
 
         return _chunked_feed_forward(block.ff, hidden_states, block._chunk_dim, block._chunk_size)
     return block.ff(hidden_states)
+
+
+# --------------------------------------------------------------------------------------------
+# torch's attention operators
+# --------------------------------------------------------------------------------------------
+
+
+def attention_score_ops() -> frozenset:
+    """The aten operators ``scaled_dot_product_attention`` dispatches to (underscore ops: private
+    to torch, and different per backend and release)."""
+    aten = torch.ops.aten
+    names = (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    return frozenset(op for op in (getattr(aten, name, None) for name in names) if op is not None)
+
+
+def efficient_attention(query, key, value, bias, dropout_p, is_causal, scale):
+    """One call of the memory-efficient attention operator: the output only."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, False, dropout_p, is_causal, scale=scale)[0]

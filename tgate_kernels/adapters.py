@@ -47,11 +47,12 @@ class PipelineParts:
         return {d.attribute: d.module for d in self.denoisers}
 
 
-def _components(pipe) -> dict[str, torch.nn.Module]:
-    components = getattr(pipe, "components", None)
-    if not isinstance(components, dict):
-        components = vars(pipe)
-    return {name: value for name, value in components.items() if isinstance(value, torch.nn.Module)}
+def components(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's modules by attribute (its registered components, or its attributes)."""
+    found = getattr(pipe, "components", None)
+    if not isinstance(found, dict):
+        found = vars(pipe)
+    return {name: value for name, value in found.items() if isinstance(value, torch.nn.Module)}
 
 
 def check_pipeline(pipe, *, runs: bool = False) -> None:
@@ -66,14 +67,14 @@ def check_pipeline(pipe, *, runs: bool = False) -> None:
 
 def pipeline_parts(pipe) -> PipelineParts:
     """The denoisers of ``pipe``; a ``ValueError`` saying what the pipeline has otherwise."""
-    components = _components(pipe)
+    modules = components(pipe)
     denoisers = []
-    for attribute, module in components.items():
+    for attribute, module in modules.items():
         attentions = tuple(hookable_attentions(module))
         if any(a.kind is AttentionKind.CROSS for a in attentions):
             denoisers.append(Denoiser(attribute, module, not attribute.startswith("controlnet"), attentions))
     if not any(d.main for d in denoisers):
-        raise ValueError(_refusal(pipe, components))
+        raise ValueError(_refusal(pipe, modules))
     denoisers.sort(key=lambda d: not d.main)
     return PipelineParts(tuple(denoisers))
 

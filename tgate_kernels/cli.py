@@ -224,7 +224,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.gate_steps and max(args.gate_steps) > args.steps:
         parser.error(f"argument --gate-steps: {max(args.gate_steps)} is larger than --steps {args.steps}; each gate step must be between 0 and the steps")
     for name in latency_models:
-        if known[name].deepcache is not None:
+        if not known[name].timeable:
             parser.error(f"argument --latency-models: {name!r} is a MACs-only row; time one of the plain models instead")
     options = BenchOptions(
         models=models,

@@ -25,7 +25,7 @@ from .hooks.base import TgateHook
 from .hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from .hooks.denoiser import DenoiserHook
 from .hooks.generation import GenerationTracker, Opening
-from .hooks.registry import attach, attached, detach, ensure_in_chain
+from .hooks.registry import attach, attached, detach, ensure_in_chain, foreign_caches
 from .options import KernelMode
 from .pag import PagAfterGate
 from .schedule import TgateSettings
@@ -72,6 +72,7 @@ class TgateController:
 
     def install(self) -> None:
         """Attach every hook; on any failure (or interrupt) nothing stays attached."""
+        self._refuse_foreign_caches(ValueError)
         for denoiser in self.parts.denoisers:
             if attached(denoiser.module, DenoiserHook.name) is not None:
                 raise ValueError(
@@ -171,18 +172,29 @@ class TgateController:
 
     def keep_attached(self) -> None:
         """Before a generation: follow a swapped component, and put back any hook someone took
-        out of its module's forward chain."""
+        out of its module's forward chain; refuse a cache of another library added since."""
         if self._component_ids() != self._components:
             self._reinstall()
             return
+        self._refuse_foreign_caches(RuntimeError)
         for module, hook in self._hooks:
             ensure_in_chain(module, hook)
 
+    def _refuse_foreign_caches(self, error: type[Exception]) -> None:
+        found = [f"`{d.attribute}` {entry}" for d in self.parts.denoisers for entry in foreign_caches(d.module)]
+        if found:
+            raise error(
+                f"T-GATE does not compose with other caches of attention or block outputs: {'; '.join(found[:3])}"
+                f"{' ...' if len(found) > 3 else ''}. Both would reuse outputs across steps, at batch sizes T-GATE "
+                f"changes. Remove that cache first (e.g. `pipe.transformer.disable_cache()`) or disable T-GATE."
+            )
+
     def _component_ids(self) -> dict[str, int]:
-        return {name: id(module) for name, module in adapters._components(self.pipe).items()}
+        return {name: id(module) for name, module in adapters.components(self.pipe).items()}
 
     def _reinstall(self) -> None:
         configuration = self.configuration
+        latent_batch = self.state.guidance.latent_batch  # learned by this call, before its loop opened
         self.uninstall()
         try:
             self.parts = adapters.pipeline_parts(self.pipe)
@@ -193,6 +205,7 @@ class TgateController:
         self.configuration = replace(configuration, deepcache=None)
         self.install()
         self.apply(configuration)
+        self.state.guidance.latent_batch = latent_batch
 
     @contextlib.contextmanager
     def settings_for_one_call(self, settings: TgateSettings) -> Iterator[None]:

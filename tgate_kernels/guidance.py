@@ -147,6 +147,7 @@ class GuidanceTracker:
         self.latent_batch: int | None = None
         self.says_guided: bool | None = None
         self.told_unguided = False
+        self.step = 0
         self._calls_this_step: dict[str, int] = {}
         self._auxiliary_prompt_only = False
         self._replay: dict[str, object] = {}
@@ -160,9 +161,10 @@ class GuidanceTracker:
         self.told_unguided = told_unguided
         self.layout = None
         self._auxiliary_prompt_only = False
-        self.step_started()
+        self.step_started(0)
 
-    def step_started(self) -> None:
+    def step_started(self, step: int = 0) -> None:
+        self.step = step
         self._calls_this_step = {}
         self._replay = {}
 
@@ -268,8 +270,10 @@ class GuidanceTracker:
         return rows // self.latent_batch
 
     def _not_recognised(self, denoiser: str, rows: int, detail: str) -> GuidanceNotRecognised:
+        calls = self._calls_this_step.get(denoiser, 1)
         return GuidanceNotRecognised(
-            f"T-GATE cannot tell how {self.pipeline} guides its denoiser: {denoiser} ran on {rows} rows for "
-            f"{self.latent_batch} latents {detail}. Supported: no guidance, classifier-free guidance in two batch "
-            f"halves or two separate calls per step, PAG and InstructPix2Pix batches of three parts."
+            f"T-GATE cannot tell how {self.pipeline} guides its denoiser: in step {self.step}, call {calls} of "
+            f"`{denoiser}` ran on {rows} rows for {self.latent_batch} latents {detail}. Supported: no guidance, "
+            f"classifier-free guidance in two batch halves or in separate calls per step, PAG and InstructPix2Pix "
+            f"batches of three parts. Nothing was cached; the call was stopped before the denoiser ran."
         )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .guidance import DenoiserCall, GuidanceTracker
+from .guidance import DenoiserCall, GuidanceLayout, GuidanceTracker
 from .schedule import StepPlan, TgateSettings, plan_step
 
 if TYPE_CHECKING:
@@ -32,7 +32,12 @@ class GenerationSummary:
 
     num_steps: int
     gate_step: int
-    guidance: str
+    layout: GuidanceLayout | None
+    """How the pipeline guided (``None``: no denoiser call was seen)."""
+
+    @property
+    def guidance(self) -> str:
+        return self.layout.describe() if self.layout is not None else "no denoiser call seen"
 
 
 class GenerationState:
@@ -135,7 +140,7 @@ class GenerationState:
             return
         self.step += steps
         self.plan = plan_step(self.step, self.settings, self.gate_step)
-        self.guidance.step_started()
+        self.guidance.step_started(self.step)
         for listener in self._listeners:
             listener.step_started(self)
 
@@ -150,8 +155,7 @@ class GenerationState:
         was_active = self.plan is not None
         try:
             if was_active:
-                layout = self.guidance.layout
-                self.last = GenerationSummary(self.num_steps, self.gate_step, layout.describe() if layout else "not seen")
+                self.last = GenerationSummary(self.num_steps, self.gate_step, self.guidance.layout)
                 for listener in self._listeners:
                     listener.generation_ended(self)
         finally:

@@ -48,8 +48,25 @@ class Architecture:
     warm_up: int = 2
     deepcache: dict | None = None
     scheduler: str | None = None
+    width: int | None = None
+    frames: int | None = None
+    latent_spatial_factor: int = 8
+    latent_temporal_factor: int = 1
+    timeable: bool = True
+    """Whether ``bench`` can time it in its pipeline (else it is a MACs/params row only)."""
     published_baseline: PublishedRow | None = None
     published_tgate: PublishedRow | None = None
+
+    @property
+    def latent_frames(self) -> int | None:
+        """Frames of the latent video (a causal video VAE keeps the first frame apart)."""
+        return None if self.frames is None else (self.frames - 1) // self.latent_temporal_factor + 1
+
+    def latent_size(self, resolution: int | None = None) -> tuple[int, int]:
+        """(height, width) of the latents; ``resolution`` replaces the height and keeps the aspect."""
+        height = resolution or self.resolution
+        width = (self.width or self.resolution) * height // self.resolution
+        return height // self.latent_spatial_factor, width // self.latent_spatial_factor
 
     @property
     def is_unet(self) -> bool:
@@ -66,9 +83,10 @@ class Architecture:
     @property
     def text_dim(self) -> int:
         """Width of the text-encoder states the pipeline feeds the denoiser."""
+        config = self.denoiser_config
         if self.is_unet:
-            return int(self.denoiser_config["cross_attention_dim"])
-        return int(self.denoiser_config["caption_channels"])
+            return int(config["cross_attention_dim"])
+        return int(config.get("caption_channels") or config["text_dim"])
 
     @property
     def pooled_text_dim(self) -> int | None:
@@ -145,6 +163,11 @@ def _read_manifest(manifest: str, read_beside) -> dict[str, Architecture]:
             warm_up=int(entry.get("warm_up", 2)),
             deepcache=entry.get("deepcache"),
             scheduler=entry.get("scheduler"),
+            width=entry.get("width"),
+            frames=entry.get("frames"),
+            latent_spatial_factor=int(entry.get("latent_spatial_factor", 8)),
+            latent_temporal_factor=int(entry.get("latent_temporal_factor", 1)),
+            timeable=bool(entry.get("timeable", entry.get("deepcache") is None)),
             published_baseline=_published_row(published.get("baseline")),
             published_tgate=_published_row(published.get("tgate")),
         )

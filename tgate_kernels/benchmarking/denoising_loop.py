@@ -36,12 +36,13 @@ def denoiser_inputs(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[tuple, dict[str, Any]]:
     """Positional and keyword arguments of one denoiser call on a batch of ``batch`` latents,
-    shaped as the architecture's pipeline builds them (VAE factor 8)."""
-    side = (resolution or arch.resolution) // 8
+    shaped as the architecture's pipeline builds them."""
+    height, width = arch.latent_size(resolution)
     make = dict(device=device, dtype=dtype)
-    sample = torch.zeros(batch, arch.latent_channels, side, side, **make)
     text = torch.zeros(batch, arch.text_tokens, arch.text_dim, **make)
+    mask = torch.ones(batch, arch.text_tokens, **make)
     timestep = torch.full((batch,), 500, device=device, dtype=torch.long)
+    channels = arch.latent_channels
     if arch.is_unet:
         kwargs: dict[str, Any] = {"encoder_hidden_states": text}
         if arch.pooled_text_dim is not None:
@@ -51,19 +52,31 @@ def denoiser_inputs(
             }
         if arch.time_cond_dim is not None:
             kwargs["timestep_cond"] = torch.zeros(batch, arch.time_cond_dim, **make)
-        return (sample, timestep), kwargs
-    conditions = {"resolution": None, "aspect_ratio": None}
-    if arch.uses_additional_conditions:
-        conditions = {
-            "resolution": torch.zeros(batch, 2, **make),
-            "aspect_ratio": torch.zeros(batch, 1, **make),
+        return (torch.zeros(batch, channels, height, width, **make), timestep), kwargs
+    if arch.denoiser_class == "WanTransformer3DModel":
+        sample = torch.zeros(batch, channels, arch.latent_frames, height, width, **make)
+        return (sample,), {"encoder_hidden_states": text, "timestep": timestep}
+    if arch.denoiser_class == "LTXVideoTransformer3DModel":
+        frames = arch.latent_frames
+        sample = torch.zeros(batch, frames * height * width, channels, **make)
+        spatial, temporal = arch.latent_spatial_factor, arch.latent_temporal_factor
+        return (sample,), {
+            "encoder_hidden_states": text,
+            "encoder_attention_mask": mask,
+            "timestep": timestep,
+            "num_frames": frames,
+            "height": height,
+            "width": width,
+            # what LTXPipeline passes at its default 25 frames per second
+            "rope_interpolation_scale": (temporal / 25, spatial, spatial),
         }
-    kwargs = {
-        "encoder_hidden_states": text,
-        "encoder_attention_mask": torch.ones(batch, arch.text_tokens, **make),
-        "timestep": timestep,
-        "added_cond_kwargs": conditions,
-    }
+    sample = torch.zeros(batch, channels, height, width, **make)
+    kwargs = {"encoder_hidden_states": text, "encoder_attention_mask": mask, "timestep": timestep}
+    if arch.denoiser_class == "PixArtTransformer2DModel":
+        conditions = {"resolution": None, "aspect_ratio": None}
+        if arch.uses_additional_conditions:
+            conditions = {"resolution": torch.zeros(batch, 2, **make), "aspect_ratio": torch.zeros(batch, 1, **make)}
+        kwargs["added_cond_kwargs"] = conditions
     return (sample,), kwargs
 
 

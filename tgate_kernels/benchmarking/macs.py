@@ -21,22 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import _compat
 from ..attention_modules import hookable_attentions
 from ..schedule import AttentionAction, TgateSettings, plan_generation
 from .architectures import Architecture
 from .denoising_loop import DenoisingLoop, denoiser_inputs
 
-_aten = torch.ops.aten
-ATTENTION_SCORE_OPS = frozenset(
-    op
-    for op in (
-        getattr(_aten, "_scaled_dot_product_efficient_attention", None),
-        getattr(_aten, "_scaled_dot_product_flash_attention", None),
-        getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None),
-        getattr(_aten, "_scaled_dot_product_cudnn_attention", None),
-    )
-    if op is not None
-)
+ATTENTION_SCORE_OPS = _compat.attention_score_ops()
 """Operators holding attention scores (see :func:`attention_as_one_operator`)."""
 
 
@@ -46,15 +37,17 @@ def attention_as_one_operator():
     functional = torch.nn.functional
     original = functional.scaled_dot_product_attention
 
-    def counted(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        if query.device.type != "meta" or kwargs:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+    def counted(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type != "meta":
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            # grouped-query attention: each key/value head serves several query heads
+            repeats = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
         bias = None
         if attn_mask is not None:
             bias = attn_mask.expand(*query.shape[:-1], key.shape[-2])
-        return _aten._scaled_dot_product_efficient_attention(
-            query, key, value, bias, False, dropout_p, is_causal, scale=scale
-        )[0]
+        return _compat.efficient_attention(query, key, value, bias, dropout_p, is_causal, scale)
 
     functional.scaled_dot_product_attention = counted
     try:
@@ -171,12 +164,25 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
     return ForwardBreakdown(total=total, self_attention=parts[False], cross_attention=parts[True])
 
 
-def planned_generation_macs(breakdown: ForwardBreakdown, settings: TgateSettings | None, steps: int, cfg: bool) -> MacsCount:
+def planned_generation_macs(
+    breakdown: ForwardBreakdown,
+    settings: TgateSettings | None,
+    steps: int,
+    cfg: bool,
+    parts: int | None = None,
+    parts_after_gate: int | None = None,
+) -> MacsCount:
     """MACs of a generation derived from the schedule alone: each step costs the full forward
     on its batch, less the attention modules its plan reuses. ``settings=None`` is the plain
-    pipeline. A reuse with nothing cached yet computes, as in the engine."""
+    pipeline. A reuse with nothing cached yet computes, as in the engine.
+
+    The guided batch holds ``parts`` latents per prompt (2 with ``cfg``, else 1; PAG's is 3) and
+    ``parts_after_gate`` after the gate (1 when guidance is dropped; PAG keeps its perturbed part: 2).
+    """
+    parts = parts if parts is not None else (2 if cfg else 1)
+    parts_after_gate = parts_after_gate if parts_after_gate is not None else 1
     if settings is None:
-        return breakdown.total * ((2 if cfg else 1) * steps)
+        return breakdown.total * (parts * steps)
     cached = {False: False, True: False}
     total = ZERO
     for plan in plan_generation(settings, steps):
@@ -186,5 +192,5 @@ def planned_generation_macs(breakdown: ForwardBreakdown, settings: TgateSettings
                 step = step - breakdown.attention(cross)
             elif action is AttentionAction.CACHE:
                 cached[cross] = True
-        total = total + step * (2 if cfg and plan.cfg_batch else 1)
+        total = total + step * (parts if plan.cfg_batch else min(parts, parts_after_gate))
     return total

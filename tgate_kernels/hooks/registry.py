@@ -41,6 +41,9 @@ def detach(module: torch.nn.Module, name: str) -> None:
     if hook is None:
         return
     record = hook.installed
+    # a hook removed from under ours left its forward in our place: point past it first, so that
+    # taking ours out does not bring it back
+    _compat.repair_hook_chain(registry, name, record.own)
     forward = module.__dict__.get("forward")
     if _compat.hook_names(registry)[-1] != name:
         _compat.remove_hook_from_chain(registry, name)
@@ -83,3 +86,17 @@ def ensure_in_chain(module: torch.nn.Module, hook: TgateHook) -> bool:
     _compat.forget_hook(registry, hook.name)
     attach(module, hook, had_registry)
     return True
+
+
+def foreign_caches(root: torch.nn.Module) -> list[str]:
+    """``"module: hook"`` for every stateful hook of another library under ``root`` (diffusers'
+    caches: Pyramid Attention Broadcast, FasterCache, FirstBlockCache, ...)."""
+    found = []
+    for name, module in root.named_modules():
+        registry = _compat.registry_of(module)
+        if registry is None:
+            continue
+        for hook_name, hook in registry.hooks.items():
+            if hook._is_stateful and not isinstance(hook, TgateHook):
+                found.append(f"{name or type(root).__name__}: {hook_name}")
+    return found

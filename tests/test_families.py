@@ -1,0 +1,253 @@
+"""Every diffusers pipeline family with separate cross-attention, on tiny offline pipelines: gated
+calls, denoiser work after the gate, ``disable``, ``gate_step=0``, the gate's mean over the
+guidance parts, guidance switched off mid-run, and the refusal of joint attention."""
+
+import numpy as np
+import pytest
+import torch
+
+import tgate_kernels
+from tgate_kernels.guidance import MERGED, Mode
+from fixtures.families import FAMILIES, GATED, REFUSED
+
+from conftest import max_abs_diff
+
+STEPS, GATE = 4, 2
+
+
+def _run(pipe, family, steps=STEPS, **changes):
+    with torch.no_grad():
+        return pipe(**(family.call_kwargs(steps) | changes))
+
+
+def _recorded(pipe, family, **changes):
+    with tgate_kernels.view(pipe).record() as record:
+        result = _run(pipe, family, **changes)
+    return result, record
+
+
+def _first_active_step(record, denoiser):
+    return min(step for step in record.steps if record.calls(step, denoiser))
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_a_guided_call_is_gated_in_every_denoiser(name):
+    family = FAMILIES[name]
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    result, record = _recorded(pipe, family)
+    assert np.isfinite(_output(result)).all()
+    layout = tgate_kernels.view(pipe).last_generation.layout
+    assert layout is not None and layout.merges, f"{name} guides by classifier-free guidance: {layout}"
+    assert record.steps == list(range(STEPS))
+    for denoiser in family.denoisers:
+        active = [step for step in record.steps if record.calls(step, denoiser)]
+        assert active, f"{denoiser} never ran"
+        for step in active:
+            computed = record.computed(step, cross=True, denoiser=denoiser)
+            if step < GATE:
+                assert computed > 0, (denoiser, step)
+            elif step == _first_active_step(record, denoiser):
+                # an expert first used after the gate caches its own cross-attention once
+                assert computed > 0 and record.reused(step, cross=True, denoiser=denoiser) == 0, (denoiser, step)
+            else:
+                assert computed == 0 and record.reused(step, cross=True, denoiser=denoiser) > 0, (denoiser, step)
+    work = [sum(record.rows_run(step)) for step in record.steps]
+    kept = len(layout.after_gate(layout.parts)) / len(layout.parts)
+    assert all(work[step] == work[0] for step in range(GATE)), work
+    assert all(work[step] == work[0] * kept for step in range(GATE, STEPS)), (work, layout)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_disable_is_bit_identical_to_never_enabled(name):
+    family = FAMILIES[name]
+    never_enabled = family.build()
+    never = _output(_run(never_enabled, family))
+    pipe = family.build()
+    tgate_kernels.enable(pipe, gate_step=GATE)
+    gated = _output(_run(pipe, family))
+    tgate_kernels.disable(pipe)
+    assert np.array_equal(_output(_run(pipe, family)), never)
+    assert not np.array_equal(gated, never)
+    for attribute in family.denoisers:
+        # diffusers' own cache_context leaves a (hook-less) registry on cache-aware transformers
+        ours, theirs = getattr(pipe, attribute), getattr(never_enabled, attribute)
+        assert set(ours.__dict__) == set(theirs.__dict__), attribute
+        for module in ours.modules():
+            registry = module.__dict__.get("_diffusers_hook")
+            assert "forward" not in module.__dict__ and (registry is None or not registry.hooks), attribute
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_gate_zero_is_the_unguided_run_of_the_kept_part(name):
+    family = FAMILIES[name]
+    pipe = tgate_kernels.enable(family.build(), gate_step=0, kept_part="conditional")
+    gated, record = _recorded(pipe, family)
+    changes = family.text_unguided_changes
+    if changes is None:
+        # InstructPix2Pix: only its text guidance is dropped; the image guidance keeps running
+        layout = tgate_kernels.view(pipe).last_generation.layout
+        assert layout.after_gate(layout.parts) == (MERGED, "unconditional")
+        assert record.rows_run(0) == [2 * record.calls(0)[0].rows // 3]
+        assert max_abs_diff(gated, _run(family.build(), family, **family.unguided)) > 1e-4
+        return
+    assert max_abs_diff(gated, _run(family.build(), family, **changes)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_the_gate_caches_the_mean_over_the_guidance_parts(name):
+    family = FAMILIES[name]
+    gate = 1  # the gate at the first step, the first reuse at the second: one expert of Wan 2.2 runs both
+    pipe = tgate_kernels.enable(family.build(), gate_step=gate, kernels="off")
+    cross = next(a for a in tgate_kernels.view(pipe).attentions if a.cross and a.denoiser == family.denoisers[0])
+    outputs = []
+    cross.module.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
+    _run(pipe, family)
+    layout = tgate_kernels.view(pipe).last_generation.layout
+    if layout.mode is Mode.SEPARATE:
+        per_step = len(layout.parts)
+        at_gate = outputs[per_step * (gate - 1): per_step * gate]
+        expected = (at_gate[0] + at_gate[1]) / 2
+        reused = outputs[per_step * gate]
+    else:
+        chunks = dict(zip(layout.parts, outputs[gate - 1].chunk(len(layout.parts))))
+        merged = (chunks["negative"] + chunks["prompt"]) / 2
+        expected = torch.cat([merged if part == MERGED else chunks[part] for part in layout.after_gate(layout.parts)])
+        reused = outputs[gate]
+    assert reused.shape == expected.shape
+    torch.testing.assert_close(reused, expected, rtol=0, atol=1e-6)
+
+
+def _output(result):
+    for name in ("frames", "images", "audios"):
+        if hasattr(result, name):
+            result = getattr(result, name)
+            break
+    return result.float().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+
+
+# ---------------------------------------------------------------- guidance switched off mid-run
+
+
+def _cutoff_callback(name, step):
+    from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+    if name == "sd":
+        return SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+    if name == "sdxl":
+        return SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=step)
+
+    def cutoff(pipe, index, timestep, callback_kwargs):
+        if index == step:
+            pipe._guidance_scale = 1.0
+        return callback_kwargs
+
+    return cutoff
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "wan21"])
+@pytest.mark.parametrize("cutoff", [0, GATE - 1, GATE])
+def test_a_callback_switching_guidance_off_before_at_or_after_the_gate(name, cutoff):
+    """diffusers' documented dynamic CFG: from step ``cutoff + 1`` the pipeline runs the prompt alone."""
+    family = FAMILIES[name]
+    steps = GATE + 2
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE)
+    with tgate_kernels.view(pipe).record() as record:
+        result = _run(pipe, family, steps=steps, callback_on_step_end=_cutoff_callback(name, cutoff))
+    assert np.isfinite(_output(result)).all()
+    one_part = record.calls(0)[0].rows // (1 if name == "wan21" else 2)
+    for step in range(cutoff + 1, steps):
+        assert sum(record.rows_run(step)) == one_part, step
+    for step in range(GATE, steps):
+        assert record.computed(step, cross=True) == 0, step
+    if name != "sdxl" and cutoff >= GATE - 1:
+        # after the gate the text reaches the denoiser through the cached cross-attention only:
+        # the prompt's part gives what the kept part gave
+        plain = tgate_kernels.enable(family.build(), gate_step=GATE)
+        assert max_abs_diff(result, _run(plain, family, steps=steps)) == 0.0
+
+
+# ---------------------------------------------------------------- refusal
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_joint_attention_pipelines_are_refused_with_nothing_modified(name):
+    family = FAMILIES[name]
+    pipe = family.build()
+    before = set(pipe.__dict__)
+    with pytest.raises(ValueError) as info:
+        tgate_kernels.enable(pipe)
+    message = str(info.value)
+    assert type(pipe).__name__ in message and "joint attention" in message and "without separate cross-attention" in message
+    assert set(pipe.__dict__) == before
+    assert not any("_diffusers_hook" in m.__dict__ for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules())
+    assert np.array_equal(_output(_run(pipe, family)), _output(_run(family.build(), family)))
+
+
+class _LoopPipeline:
+    """A pipeline-shaped loop running its UNet on ``parts`` copies of the latents, passing
+    ``extra`` keyword arguments along."""
+
+    def __init__(self, unet, scheduler, parts, **extra):
+        self.unet, self.scheduler, self.parts, self.extra = unet, scheduler, parts, extra
+
+    def progress_bar(self, total=None, iterable=None):
+        class Bar:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def update(self, n=1):
+                pass
+
+        return Bar()
+
+    def prepare_latents(self, batch):
+        return torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    @torch.no_grad()
+    def __call__(self, steps=3):
+        latents = self.prepare_latents(1)
+        text = torch.randn(self.parts, 77, 32, generator=torch.Generator().manual_seed(1))
+        self.scheduler.set_timesteps(steps)
+        with self.progress_bar(total=steps) as bar:
+            for t in self.scheduler.timesteps:
+                noise = self.unet(torch.cat([latents] * self.parts), t, encoder_hidden_states=text, **self.extra).sample
+                latents = self.scheduler.step(noise.chunk(self.parts)[0], t, latents).prev_sample
+                bar.update()
+        return latents
+
+
+def _refused_at_the_first_call(pipe, *words):
+    plain = pipe()
+    tgate_kernels.enable(pipe, gate_step=1)
+    with tgate_kernels.view(pipe).record() as record:
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            pipe()
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert record.computed(0, cross=True) == 0 and record.computed(0, cross=False) == 0, "stopped before the denoiser ran"
+    tgate_kernels.disable(pipe)
+    assert torch.equal(pipe(), plain)
+    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in pipe.unet.modules())
+
+
+def test_an_unknown_guidance_layout_is_refused_at_the_first_call_before_anything_is_cached():
+    sd = FAMILIES["sd"].build()
+    _refused_at_the_first_call(
+        _LoopPipeline(sd.unet, sd.scheduler, parts=4), "_LoopPipeline", "step 0, call 1 of `unet` ran on 4 rows for 1 latents"
+    )
+
+
+def test_a_denoiser_argument_t_gate_cannot_place_is_refused_at_the_first_call():
+    from diffusers import UNet2DConditionModel
+
+    class UNetWithHints(UNet2DConditionModel):
+        def forward(self, sample, timestep, encoder_hidden_states, hints=None, **kwargs):
+            return super().forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+    sd = FAMILIES["sd"].build()
+    unet = UNetWithHints.from_config(sd.unet.config)
+    unet.load_state_dict(sd.unet.state_dict())
+    pipe = _LoopPipeline(unet, sd.scheduler, parts=2, hints=torch.zeros(2, 3))
+    _refused_at_the_first_call(pipe, "UNetWithHints.forward got `hints` with 2 rows", "CARRY_PARTS")
