@@ -17,7 +17,6 @@ import time
 import torch
 
 import tgate_kernels
-from tgate_kernels.api import controller_of
 from tgate_kernels.benchmarking.architectures import architecture
 from tgate_kernels.benchmarking.denoising_loop import DenoisingLoop
 
@@ -25,8 +24,8 @@ from tgate_kernels.benchmarking.denoising_loop import DenoisingLoop
 def measure(model: str, resolution: int, repeats: int, dtype: torch.dtype) -> dict[str, list[float]]:
     arch = architecture(model)
     loop = DenoisingLoop(arch, arch.build_denoiser(device="cpu", dtype=dtype), cfg=arch.cfg)
-    tgate_kernels.enable(loop, gate_step=1, sp_interval=1, warm_up=0, kernels="auto")
-    controller = controller_of(loop)
+    settings = dict(gate_step=1, sp_interval=1, warm_up=0)
+    tgate_kernels.enable(loop, kernels="auto", **settings)
     times: dict[str, list[float]] = {"auto": [], "off": []}
     modes = ["auto", "off"]
     started = [time.perf_counter()]
@@ -34,8 +33,9 @@ def measure(model: str, resolution: int, repeats: int, dtype: torch.dtype) -> di
     def on_step(step: int) -> None:
         elapsed = time.perf_counter() - started[0]
         if step >= 1:  # step 0 is the gate step itself (full CFG batch)
-            times[controller.kernels].append(elapsed)
-        controller.set_kernels(modes[step % 2])
+            times[tgate_kernels.view(loop).kernels.value].append(elapsed)
+        # switching attaches or detaches the block hooks; the running generation goes on
+        tgate_kernels.enable(loop, kernels=modes[step % 2], **settings)
         started[0] = time.perf_counter()
 
     loop.run(1 + 2 * repeats, resolution=resolution, device="cpu", dtype=dtype, on_step=on_step)

@@ -110,3 +110,11 @@ def tiny_call(name, steps=5, **overrides):
     kwargs = tiny_generation_kwargs(name, num_inference_steps=steps)
     kwargs.update(overrides)
     return kwargs
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline saved with ``save_pretrained``: what ``--model`` loads."""
+    folder = tmp_path_factory.mktemp("tiny-sd-pipeline")
+    tiny_sd().save_pretrained(folder)
+    return str(folder)

@@ -200,3 +200,34 @@ def attention_score_ops() -> frozenset:
 def efficient_attention(query, key, value, bias, dropout_p, is_causal, scale):
     """One call of the memory-efficient attention operator: the output only."""
     return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, False, dropout_p, is_causal, scale=scale)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def compiler_errors() -> tuple[type[BaseException], ...]:
+    """What ``torch.compile`` raises when it cannot compile (dynamo's and inductor's exception
+    bases; a missing C++ compiler arrives wrapped in ``BackendCompilerFailed``)."""
+    from torch._dynamo import exc
+
+    return (exc.TorchDynamoException,)
+
+
+def inductor_settings(settings: dict):
+    """A context holding inductor's ``torch._inductor.config`` settings (a null context when none)."""
+    import contextlib
+
+    if not settings:
+        return contextlib.nullcontext()
+    from torch._inductor import config
+
+    return config.patch(settings)
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo compiled in this process so far (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

@@ -13,6 +13,7 @@ from typing import Iterator
 
 from . import adapters
 from .controller import Configuration, configure, controller_of, remove
+from .compilation import CompileSettings
 from .deepcache import DeepCacheCoordinator
 from .guidance import KeptPart
 from .options import KernelMode, choose
@@ -30,6 +31,7 @@ def enable(
     deepcache: dict | bool | None = None,
     kernels: str = "auto",
     kept_part: str = "auto",
+    compile: bool | dict = False,
 ):
     """Make the ordinary ``pipe(...)`` call run with T-GATE; returns ``pipe``.
 
@@ -50,15 +52,26 @@ def enable(
             ``attn2``; ``"off"`` leaves every block to plain PyTorch (bit-exact with the reference).
         kept_part: which of the prompt and negative-prompt parts runs after the gate:
             ``"auto"`` (the reference's choice, see the README) or ``"conditional"``.
+        compile: ``True`` compiles every denoiser with ``torch.compile``, T-GATE-aware (one set of
+            graphs per input shape whatever the schedule; inductor with freezing), or a dict of
+            ``backend``, ``mode``, ``freezing``, ``dynamic``, ``options``; ``False`` runs eagerly.
+            ``disable`` restores the uncompiled modules.
 
     Calling ``enable`` on an enabled pipeline replaces its settings.
     """
     settings = TgateSettings(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     kernel_mode = choose("kernels", kernels, KernelMode)
     kept = choose("kept_part", kept_part, KeptPart)
+    compile_settings = CompileSettings.from_option(compile)
     adapters.check_pipeline(pipe)
     controller = controller_of(pipe)
     current = controller.configuration if controller is not None else Configuration(settings)
+    coordinator = deepcache_option(pipe, deepcache, current.deepcache)
+    if coordinator is not None and compile_settings is not None:
+        raise ValueError(
+            "`compile` does not combine with `deepcache`: DeepCache's wrappers decide per step inside the compiled "
+            "region. Use one of them."
+        )
     configure(
         pipe,
         replace(
@@ -66,7 +79,8 @@ def enable(
             settings=settings,
             kernels=kernel_mode,
             kept=kept,
-            deepcache=deepcache_option(pipe, deepcache, current.deepcache),
+            deepcache=coordinator,
+            compile=compile_settings,
             gates_plain_calls=True,
         ),
     )

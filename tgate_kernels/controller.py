@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from . import _compat, adapters
+from .compilation import CompileSettings
 from .deepcache import DeepCacheCoordinator
 from .guidance import KeptPart
 from .guided_arguments import GuidedArguments
@@ -48,6 +49,7 @@ class Configuration:
     kernels: KernelMode = KernelMode.AUTO
     kept: KeptPart = KeptPart.AUTO
     deepcache: DeepCacheCoordinator | None = None
+    compile: CompileSettings | None = None
     gates_plain_calls: bool = False
     default_steps: int | None = None
     """``num_inference_steps`` a loader was given: the default of ``pipe.tgate``."""
@@ -81,11 +83,12 @@ class TgateController:
                     f"do); disable that one first."
                 )
         try:
+            plan_as_data = self.configuration.compile is not None
             for denoiser in self.parts.denoisers:
                 hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, GuidedArguments(denoiser.module))
                 self._attach(denoiser.module, hook)
                 for attention in denoiser.attentions:
-                    cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross)
+                    cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data)
                     self._attach(attention.module, cache)
                     self.state.add_cache(cache)
             if self._pag is not None:
@@ -130,9 +133,18 @@ class TgateController:
 
     def apply(self, configuration: Configuration) -> None:
         """Run with ``configuration`` from the next call on (validated by whoever built it)."""
+        if (configuration.compile is None) != (self.configuration.compile is None) and self._hooks:
+            # compiled or not decides how every hook is built: build them again
+            self._reinstall(configuration)
+            return
         self._set_deepcache(configuration.deepcache)
-        self._set_fast_blocks(configuration.kernels is KernelMode.AUTO)
+        # under torch.compile inductor fuses the plain residual additions and LayerNorm itself,
+        # which measured faster than calling the opaque fused op (bench/RESULTS.md)
+        self._set_fast_blocks(configuration.kernels is KernelMode.AUTO and configuration.compile is None)
         self.state.guidance.kept_option = configuration.kept
+        for module, hook in self._hooks:
+            if isinstance(hook, DenoiserHook):
+                hook.compile(configuration.compile)
         self.configuration = configuration
 
     def _set_deepcache(self, coordinator: DeepCacheCoordinator | None) -> None:
@@ -177,6 +189,13 @@ class TgateController:
             self._reinstall()
             return
         self._refuse_foreign_caches(RuntimeError)
+        if self.configuration.compile is not None:
+            offloaded = [d.attribute for d in self.parts.denoisers if _compat.has_accelerate_hook(d.module)]
+            if offloaded:
+                raise RuntimeError(
+                    f"T-GATE's compile=... does not combine with accelerate's offloading of {offloaded} (its hooks move "
+                    f"weights inside the compiled region): enable T-GATE with compile=False, or do not offload."
+                )
         for module, hook in self._hooks:
             ensure_in_chain(module, hook)
 
@@ -192,8 +211,8 @@ class TgateController:
     def _component_ids(self) -> dict[str, int]:
         return {name: id(module) for name, module in adapters.components(self.pipe).items()}
 
-    def _reinstall(self) -> None:
-        configuration = self.configuration
+    def _reinstall(self, configuration: Configuration | None = None) -> None:
+        configuration = configuration or self.configuration
         latent_batch = self.state.guidance.latent_batch  # learned by this call, before its loop opened
         self.uninstall()
         try:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .guidance import DenoiserCall, GuidanceLayout, GuidanceTracker
+from .plan_data import PlanData
 from .schedule import StepPlan, TgateSettings, plan_step
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class GenerationState:
         self.call: DenoiserCall | None = None
         """The denoiser call running now: the attention hooks cache and reuse by its parts."""
         self.recorder: StepRecorder | None = None
+        self.plan_data = PlanData()
+        """The plan as flags, for denoisers T-GATE compiles."""
         self.last: GenerationSummary | None = None
         self._owner: int | None = None
         self._cut_announced = False
@@ -120,6 +123,7 @@ class GenerationState:
         self.gate_step = gate
         self.step = 0
         self.guidance.begin(says_guided, told_unguided=settings.lcm is True)
+        self.plan_data.begin()
         self._cut_announced = False
         self._owner = threading.get_ident()
         self.plan = plan_step(0, settings, gate)

@@ -10,8 +10,8 @@ drifts of the machine hit them alike; the median of the repeats is reported.
 
 T-GATE is timed as ``tgate-eager`` (``kernels="off"``: plain PyTorch, the reference's exact
 arithmetic), ``tgate`` (``kernels="auto"``: the fused post-gate block fast path) and, when asked,
-``tgate-compiled`` (the fast path with the denoiser under ``torch.compile``; compiled once,
-before the timed calls, on its own copy of the denoiser so no other variant disturbs its graphs).
+``tgate-compiled`` (``enable(pipe, compile=True)``: compiled in its first, untimed call, whose
+duration and memory are reported as what compiling costs).
 
 The reference package replaces the forward of every attention module it runs on and leaves it
 replaced, so it gets its own pipeline over a copy of the denoiser.
@@ -35,6 +35,7 @@ BASELINE, TGATE_EAGER, TGATE, TGATE_COMPILED, REFERENCE = (
     "baseline", "tgate-eager", "tgate", "tgate-compiled", "reference"
 )
 TGATE_VARIANTS = (TGATE_EAGER, TGATE, TGATE_COMPILED)
+ALL_VARIANTS = (BASELINE, TGATE_EAGER, TGATE, TGATE_COMPILED, REFERENCE)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class VariantTiming:
     variant: str
     seconds: list[float] = field(default_factory=list)
     peak_memory_bytes: list[int] = field(default_factory=list)
+    first_call_s: float | None = None
+    """The untimed first call: for the compiled variant, compiling every graph."""
+    first_call_peak_memory_bytes: int | None = None
     error: str | None = None
 
     @property
@@ -101,6 +105,43 @@ def reference_available() -> bool:
     return True
 
 
+@dataclass
+class _Variant:
+    """How to run one variant: ``run(kwargs)``, with ``on()``/``off()`` around each call (outside
+    the timed region: switching T-GATE walks the denoiser's modules)."""
+
+    run: Callable[[dict], object]
+    on: Callable[[], None] = lambda: None
+    off: Callable[[], None] = lambda: None
+
+
+def _variants(arch: Architecture, denoiser: torch.nn.Module, names, settings: dict, compile_option) -> dict[str, _Variant]:
+    from .. import api
+
+    pipe = build_timing_pipeline(arch, denoiser)
+    variants: dict[str, _Variant] = {}
+    for name in names:
+        if name == BASELINE:
+            variants[name] = _Variant(lambda kwargs: pipe(**kwargs))
+        elif name in (TGATE_EAGER, TGATE):
+            kernels = "off" if name == TGATE_EAGER else "auto"
+            variants[name] = _Variant(
+                lambda kwargs: pipe(**kwargs),
+                on=lambda kernels=kernels: api.enable(pipe, **dict(settings, kernels=kernels)),
+                off=lambda: api.disable(pipe),
+            )
+        elif name == TGATE_COMPILED:
+            # its own copy of the denoiser, enabled and compiled once: no other variant touches
+            # its graphs
+            compiled_pipe = build_timing_pipeline(arch, copy.deepcopy(denoiser))
+            api.enable(compiled_pipe, **dict(settings, compile=compile_option))
+            variants[name] = _Variant(lambda kwargs: compiled_pipe(**kwargs))
+        elif name == REFERENCE:
+            # the reference leaves every attention forward patched: its own copy too
+            variants[name] = _Variant(reference_caller(arch, build_timing_pipeline(arch, copy.deepcopy(denoiser)), settings))
+    return variants
+
+
 def measure_latency(
     arch: Architecture,
     *,
@@ -111,108 +152,59 @@ def measure_latency(
     device: str,
     dtype: torch.dtype,
     tgate_kwargs: dict,
-    include_reference: bool = True,
-    include_compiled: bool = False,
+    variants: tuple[str, ...] = (BASELINE, TGATE_EAGER, TGATE),
+    compile_option: bool | dict = True,
     on_call: Callable[[str], None] | None = None,
 ) -> LatencyResult:
-    """Time ``repeats`` calls of each variant, alternating, after one untimed warm-up call each."""
-    from .. import api
-
+    """Time ``repeats`` calls of each of ``variants``, interleaved, after one untimed first call
+    each (a full call: the compiled variant compiles its graphs there)."""
     denoiser = arch.build_denoiser("cpu", dtype).to(device)
-    pipe = build_timing_pipeline(arch, denoiser)
     kwargs = pipeline_call_kwargs(arch, resolution, steps, device, dtype)
     settings = dict(tgate_kwargs, gate_step=gate_step)
-
-    def plain(call_kwargs):
-        return pipe(**call_kwargs)
-
-    # Switching T-GATE on and off walks the denoiser's modules: done outside the timed call.
-    def switcher(kernels: str) -> Callable[[bool], None]:
-        def switch(on: bool) -> None:
-            if on:
-                api.enable(pipe, **dict(settings, kernels=kernels))
-            else:
-                api.disable(pipe)
-
-        return switch
-
-    runners: dict[str, Callable[[dict], object]] = {BASELINE: plain, TGATE_EAGER: plain, TGATE: plain}
-    switches: dict[str, Callable[[bool], None]] = {
-        BASELINE: lambda on: None,
-        TGATE_EAGER: switcher("off"),
-        TGATE: switcher("auto"),
-    }
-    timings = {name: VariantTiming(name) for name in runners}
-    if include_compiled:
-        timings[TGATE_COMPILED] = VariantTiming(TGATE_COMPILED)
-        compiled_pipe = build_timing_pipeline(arch, copy.deepcopy(denoiser))
-        compiled_settings = dict(settings, kernels="auto")
-
-        def compiled(call_kwargs):
-            return compiled_pipe(**call_kwargs)
-
-        def keep_enabled(on: bool) -> None:
-            # enabled once and compiled once: re-enabling would only update the settings
-            if on:
-                api.enable(compiled_pipe, **compiled_settings)
-
-        api.enable(compiled_pipe, **compiled_settings)
-        getattr(compiled_pipe, arch.denoiser_attribute).compile()
-        runners[TGATE_COMPILED] = compiled
-        switches[TGATE_COMPILED] = keep_enabled
-    if include_reference:
-        timings[REFERENCE] = VariantTiming(REFERENCE)
+    timings = {name: VariantTiming(name) for name in variants}
+    runners: dict[str, _Variant] = {}
+    for name in variants:
         try:
-            ref_pipe = build_timing_pipeline(arch, copy.deepcopy(denoiser))
-            runners[REFERENCE] = reference_caller(arch, ref_pipe, settings)
-            switches[REFERENCE] = lambda on: None
-        except Exception as error:  # the reference is optional: report why it did not run
-            timings[REFERENCE].error = f"{type(error).__name__}: {error}"
+            runners.update(_variants(arch, denoiser, (name,), settings, compile_option))
+        except Exception as error:  # an optional variant (the reference) reports why it did not run
+            if name == BASELINE:
+                raise
+            timings[name].error = f"{type(error).__name__}: {error}"
 
     def fresh_kwargs():
         return dict(kwargs, generator=torch.Generator("cpu").manual_seed(0))
 
-    # The warm-up only has to create kernels and grow the allocator: two steps, gate at the
-    # first, go through every code path the timed calls take.
-    warm_up_steps = min(steps, 2)
-    warm_up_kwargs = dict(kwargs, num_inference_steps=warm_up_steps)
-    full_gate = settings["gate_step"]
-    settings["gate_step"] = min(full_gate, warm_up_steps - 1)
-    for name, run in list(runners.items()):
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed(variant: _Variant) -> tuple[float, int]:
+        call_kwargs = fresh_kwargs()
+        variant.on()
         try:
-            switches[name](True)
-            try:
-                # the compiled variant's warm-up is a whole timed-size call: it compiles a graph
-                # for every phase of the schedule, so the timed calls compile nothing
-                run(dict(kwargs if name == TGATE_COMPILED else warm_up_kwargs,
-                         generator=torch.Generator("cpu").manual_seed(0)))
-            finally:
-                switches[name](False)
+            with torch.no_grad(), PeakMemory(device) as peak:
+                synchronize()
+                start = time.perf_counter()
+                variant.run(call_kwargs)
+                synchronize()
+                elapsed = time.perf_counter() - start
+        finally:
+            variant.off()
+        return elapsed, peak.bytes
+
+    for name, variant in list(runners.items()):
+        try:
+            timings[name].first_call_s, timings[name].first_call_peak_memory_bytes = timed(variant)
         except Exception as error:
             timings[name].error = f"{type(error).__name__}: {error}"
             if name == BASELINE:
                 raise
             runners.pop(name)
         if on_call is not None:
-            on_call(f"warm-up {name}")
-
-    settings["gate_step"] = full_gate
-    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+            on_call(f"first call {name}")
     for _ in range(repeats):
-        for name, run in runners.items():
-            call_kwargs = fresh_kwargs()
-            switches[name](True)
-            try:
-                with torch.no_grad(), PeakMemory(device) as peak:
-                    synchronize()
-                    start = time.perf_counter()
-                    run(call_kwargs)
-                    synchronize()
-                    elapsed = time.perf_counter() - start
-            finally:
-                switches[name](False)
+        for name, variant in runners.items():
+            elapsed, peak = timed(variant)
             timings[name].seconds.append(elapsed)
-            timings[name].peak_memory_bytes.append(peak.bytes)
+            timings[name].peak_memory_bytes.append(peak)
             if on_call is not None:
                 on_call(name)
     return LatencyResult(

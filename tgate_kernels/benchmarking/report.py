@@ -60,7 +60,7 @@ def macs_table(results: BenchResults) -> str:
 
 def latency_table(results: BenchResults) -> str:
     headers = ["model", "variant", "px", "steps", "gate", "device", "median s", "vs baseline", "MACs predict",
-               "vs reference", "peak MB", "note"]
+               "vs reference", "peak MB", "first call s", "first call MB", "note"]
     rows = [
         [
             r.label,
@@ -74,9 +74,21 @@ def latency_table(results: BenchResults) -> str:
             _fixed(r.macs_ratio),
             _fixed(r.latency_ratio_vs_reference),
             _fixed(r.peak_memory_mb, 1),
+            _fixed(r.first_call_s, 1),
+            _fixed(r.first_call_peak_memory_mb, 1),
             (r.error or "")[:60],
         ]
         for r in results.latency
+    ]
+    return format_table(headers, rows)
+
+
+def resolutions_table(results: BenchResults) -> str:
+    headers = ["model", "px", "steps", "gate", "device", "baseline s", "T-GATE s", "ratio", "MACs predict", "MACs w/o scores"]
+    rows = [
+        [r.model, r.resolution, r.steps, r.gate_step, f"{r.device}/{r.dtype}", _fixed(r.baseline_s), _fixed(r.tgate_s),
+         _fixed(r.latency_ratio), _fixed(r.macs_ratio), _fixed(r.macs_ratio_without_attention_scores)]
+        for r in results.resolutions
     ]
     return format_table(headers, rows)
 
@@ -92,6 +104,8 @@ def render(results: BenchResults) -> str:
     if results.latency:
         parts += ["", "Latency (" + results.latency_scope + ")", latency_table(results)]
         parts.append(f"peak memory: {results.latency[0].memory_measure}")
+    if results.resolutions:
+        parts += ["", "T-GATE vs baseline across image sizes (fused T-GATE; MACs predict the ratio with attention scores)", resolutions_table(results)]
     if results.python_calls:
         parts += ["", "Python function calls per denoising step", python_calls_table(results)]
     if results.notes:
@@ -100,42 +114,79 @@ def render(results: BenchResults) -> str:
 
 
 def write_plot(results: BenchResults, path: str) -> None:
-    """MACs ratio (from the schedule, every gate step) and measured latency ratio vs gate step."""
+    """Three panels a person can read: each timed variant's seconds with its ratio to the baseline
+    and what MACs predict; the latency ratio across image sizes next to the MACs prediction; and
+    the MACs ratio at every gate step of each model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (macs_axis, latency_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    by_model: dict[str, list[dict]] = {}
-    for row in results.macs_sweep:
-        by_model.setdefault(row.model, []).append(row)
-    for model, rows in by_model.items():
-        macs_axis.plot([r.gate_step for r in rows], [r.macs_ratio for r in rows], marker=".", label=f"{model} ({rows[0].steps} steps)")
-    macs_axis.set_title("MACs ratio T-GATE / baseline (attention scores excluded)")
-    macs_axis.set_xlabel("gate_step")
-    macs_axis.set_ylabel("ratio")
-    macs_axis.grid(alpha=0.3)
-    if by_model:
-        macs_axis.legend(fontsize=7)
-
-    latency_by: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for row in results.latency:
-        if row.gate_step is not None and row.latency_ratio is not None:
-            latency_by.setdefault((row.model, row.variant), []).append((row.gate_step, row.latency_ratio))
-    for (model, variant), points in latency_by.items():
-        points.sort()
-        latency_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{model} {variant}")
-    latency_axis.set_title("latency ratio vs baseline (measured)")
-    latency_axis.set_xlabel("gate_step")
-    latency_axis.grid(alpha=0.3)
-    if latency_by:
-        latency_axis.legend(fontsize=7)
-    else:
-        latency_axis.text(0.5, 0.5, "no latency run", ha="center", va="center", transform=latency_axis.transAxes)
+    figure, (variants_axis, sizes_axis, gates_axis) = plt.subplots(1, 3, figsize=(16, 4.8))
+    _plot_variants(variants_axis, results)
+    _plot_sizes(sizes_axis, results)
+    _plot_gates(gates_axis, results)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _plot_variants(axis, results: BenchResults) -> None:
+    rows = [r for r in results.latency if r.median_s is not None]
+    if not rows:
+        axis.text(0.5, 0.5, "no latency run", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+        return
+    labels = [f"{r.variant}" + (f" (gate {r.gate_step})" if r.gate_step is not None else "") for r in rows]
+    positions = range(len(rows))
+    bars = axis.barh(list(positions), [r.median_s for r in rows], color=["#888888" if r.variant == "baseline" else "#3b75af" for r in rows])
+    for bar, row in zip(bars, rows):
+        note = f" {row.median_s:.2f} s"
+        if row.latency_ratio is not None and row.variant != "baseline":
+            note += f"  ×{row.latency_ratio:.2f} (MACs ×{row.macs_ratio:.2f})"
+        axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, note, va="center", fontsize=8)
+    axis.set_yticks(list(positions), labels, fontsize=8)
+    axis.invert_yaxis()
+    first = rows[0]
+    axis.set_title(f"{first.label}, {first.resolution} px, {first.steps} steps, {first.device}/{first.dtype}", fontsize=9)
+    axis.set_xlabel("median seconds per generation (ratio to baseline; MACs prediction)")
+    axis.set_xlim(0, max(r.median_s for r in rows) * 1.6)
+
+
+def _plot_sizes(axis, results: BenchResults) -> None:
+    rows = [r for r in results.resolutions if r.latency_ratio is not None]
+    if not rows:
+        axis.text(0.5, 0.5, "no resolution sweep", ha="center", va="center", transform=axis.transAxes)
+        axis.set_axis_off()
+        return
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model]
+        sizes = [r.resolution for r in mine]
+        axis.plot(sizes, [r.latency_ratio for r in mine], marker="o", label=f"{model}: measured")
+        axis.plot(sizes, [r.macs_ratio for r in mine], linestyle="--", marker="x", label=f"{model}: MACs predict")
+        for r in mine:
+            axis.annotate(f"{r.latency_ratio:.2f}", (r.resolution, r.latency_ratio), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    axis.set_xticks(sorted({r.resolution for r in rows}))
+    axis.set_xlabel("image side (px)")
+    axis.set_ylabel("T-GATE time / baseline time")
+    axis.set_ylim(0, 1.05)
+    axis.set_title(f"T-GATE vs baseline across sizes ({rows[0].steps} steps, gate {rows[0].gate_step})", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+
+
+def _plot_gates(axis, results: BenchResults) -> None:
+    by_model: dict[str, list] = {}
+    for row in results.macs_sweep:
+        by_model.setdefault(row.model, []).append(row)
+    for model, rows in by_model.items():
+        axis.plot([r.gate_step for r in rows], [r.macs_ratio for r in rows], marker=".", label=f"{model} ({rows[0].steps} steps)")
+    axis.set_title("MACs ratio T-GATE / baseline at each gate step", fontsize=9)
+    axis.set_xlabel("gate_step")
+    axis.set_ylabel("MACs ratio (attention scores excluded)")
+    axis.grid(alpha=0.3)
+    if by_model:
+        axis.legend(fontsize=7)
 
 
 def write_all(results: BenchResults, directory: str, plot: bool = True) -> dict[str, str]:

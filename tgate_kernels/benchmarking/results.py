@@ -65,7 +65,28 @@ class LatencyRow:
     """What the MACs of the timed settings predict for ``latency_ratio``."""
     peak_memory_mb: float | None
     memory_measure: str
+    first_call_s: float | None = None
+    """The untimed first call (the compiled variant compiles there)."""
+    first_call_peak_memory_mb: float | None = None
     error: str | None = None
+
+
+@dataclass
+class ResolutionRow:
+    """T-GATE's latency ratio at one image size, next to what its MACs predict."""
+
+    model: str
+    resolution: int
+    steps: int
+    gate_step: int
+    device: str
+    dtype: str
+    baseline_s: float | None
+    tgate_s: float | None
+    latency_ratio: float | None
+    macs_ratio: float
+    """MACs with the attention scores, which grow fastest with the image."""
+    macs_ratio_without_attention_scores: float
 
 
 @dataclass
@@ -91,10 +112,11 @@ class BenchResults:
     macs: list[MacsRow] = field(default_factory=list)
     macs_sweep: list[MacsSweepRow] = field(default_factory=list)
     latency: list[LatencyRow] = field(default_factory=list)
+    resolutions: list[ResolutionRow] = field(default_factory=list)
     python_calls: list[PythonCallsRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    TABLES = ("macs", "macs_sweep", "latency", "python_calls")
+    TABLES = ("macs", "macs_sweep", "latency", "resolutions", "python_calls")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,11 +13,11 @@ import torch
 
 from ..schedule import TgateSettings
 from .architectures import Architecture, architecture
-from .latency import BASELINE, REFERENCE, TGATE, TGATE_VARIANTS, measure_latency, reference_available
+from .latency import BASELINE, REFERENCE, TGATE, TGATE_COMPILED, TGATE_EAGER, TGATE_VARIANTS, measure_latency, reference_available
 from .macs import forward_breakdown, generation_macs, planned_generation_macs, tgate_enable_kwargs
 from .params import denoiser_params
 from .python_calls import measure_python_calls
-from .results import BenchResults, LatencyRow, MacsRow, MacsSweepRow, PythonCallsRow
+from .results import BenchResults, LatencyRow, MacsRow, MacsSweepRow, PythonCallsRow, ResolutionRow
 
 ATTENTION_SCORES_NOTE = (
     "MACs = FLOPs/2 from torch.utils.flop_counter.FlopCounterMode on the meta device, whole "
@@ -32,14 +32,16 @@ ATTENTION_SCORES_NOTE = (
 class BenchOptions:
     models: list[str]
     latency_models: list[str]
-    resolution: int = 128
+    resolution: int = 256
     steps: int = 10
     gate_steps: list[int] | None = None
     repeats: int = 2
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     reference: bool = True
-    compile: bool = False
+    compile: bool | dict = False
+    resolutions: list[int] = field(default_factory=list)
+    """Sizes of the resolution sweep (baseline vs T-GATE)."""
     python_calls_model: str | None = "sd15"
     python_calls_resolution: int = 64
     extra_manifests: tuple[str, ...] = ()
@@ -128,13 +130,29 @@ def _macs_rows(arch: Architecture, progress: Progress, extra_enable_kwargs: dict
     return rows, sweep
 
 
+def latency_variants(options: BenchOptions) -> tuple[str, ...]:
+    """The variants the main latency run times."""
+    names = [BASELINE, TGATE_EAGER, TGATE]
+    if options.compile:
+        names.append(TGATE_COMPILED)
+    if options.reference and reference_available():
+        names.append(REFERENCE)
+    return tuple(names)
+
+
+def _predicted(arch: Architecture, resolution: int, steps: int, gate_step: int, kwargs: dict):
+    """MACs ratios T-GATE / baseline (with, and without, attention scores) at these settings."""
+    breakdown = forward_breakdown(arch, resolution=resolution)
+    plain = planned_generation_macs(breakdown, None, steps, arch.cfg)
+    settings = TgateSettings(gate_step=gate_step, sp_interval=kwargs["sp_interval"], warm_up=kwargs["warm_up"])
+    gated = planned_generation_macs(breakdown, settings, steps, arch.cfg)
+    return gated.total / plain.total, gated.without_attention_scores / plain.without_attention_scores
+
+
 def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress) -> list[LatencyRow]:
     rows = []
-    include_reference = options.reference and reference_available()
-    breakdown = forward_breakdown(arch, resolution=options.resolution)
-    plain = planned_generation_macs(breakdown, None, options.steps, arch.cfg)
+    kwargs = tgate_enable_kwargs(arch, **options.extra_enable_kwargs)
     for gate_step in options.gate_steps or [_scaled_gate(arch, options.steps)]:
-        kwargs = tgate_enable_kwargs(arch, **options.extra_enable_kwargs)
         result = measure_latency(
             arch,
             resolution=options.resolution,
@@ -144,12 +162,11 @@ def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress)
             device=options.device,
             dtype=options.dtype,
             tgate_kwargs=kwargs,
-            include_reference=include_reference,
-            include_compiled=options.compile,
+            variants=latency_variants(options),
+            compile_option=options.compile or True,
             on_call=lambda what: progress(f"{arch.name} gate {gate_step}: {what}"),
         )
-        settings = TgateSettings(gate_step=gate_step, sp_interval=kwargs["sp_interval"], warm_up=kwargs["warm_up"])
-        predicted = planned_generation_macs(breakdown, settings, options.steps, arch.cfg).total / plain.total
+        predicted = _predicted(arch, options.resolution, options.steps, gate_step, kwargs)[0]
         for name, timing in result.variants.items():
             gated = name != BASELINE
             rows.append(
@@ -168,11 +185,50 @@ def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress)
                     latency_ratio=result.ratio(name),
                     latency_ratio_vs_reference=result.ratio(name, REFERENCE) if name in TGATE_VARIANTS else None,
                     macs_ratio=predicted if gated else 1.0,
-                    peak_memory_mb=None if timing.median_peak_memory_bytes is None else timing.median_peak_memory_bytes / 2**20,
+                    peak_memory_mb=_mb(timing.median_peak_memory_bytes),
                     memory_measure=result.memory_measure,
+                    first_call_s=timing.first_call_s,
+                    first_call_peak_memory_mb=_mb(timing.first_call_peak_memory_bytes),
                     error=timing.error,
                 )
             )
+    return rows
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else value / 2**20
+
+
+def _resolution_rows(arch: Architecture, options: BenchOptions, progress: Progress, main: list[LatencyRow]) -> list[ResolutionRow]:
+    """Baseline vs T-GATE at each size of the sweep (the main run's numbers at its own size)."""
+    rows = []
+    kwargs = tgate_enable_kwargs(arch, **options.extra_enable_kwargs)
+    gate_step = _scaled_gate(arch, options.steps)
+    for resolution in options.resolutions:
+        measured = {r.variant: r.median_s for r in main if r.resolution == resolution and r.gate_step in (None, gate_step)}
+        if not {BASELINE, TGATE} <= set(measured):
+            result = measure_latency(
+                arch, resolution=resolution, steps=options.steps, gate_step=gate_step, repeats=options.repeats,
+                device=options.device, dtype=options.dtype, tgate_kwargs=kwargs, variants=(BASELINE, TGATE),
+                on_call=lambda what: progress(f"{arch.name} {resolution}px: {what}"),
+            )
+            measured = {name: timing.median_s for name, timing in result.variants.items()}
+        with_scores, without_scores = _predicted(arch, resolution, options.steps, gate_step, kwargs)
+        rows.append(
+            ResolutionRow(
+                model=arch.name,
+                resolution=resolution,
+                steps=options.steps,
+                gate_step=gate_step,
+                device=options.device,
+                dtype=str(options.dtype).replace("torch.", ""),
+                baseline_s=measured.get(BASELINE),
+                tgate_s=measured.get(TGATE),
+                latency_ratio=_ratio(measured.get(TGATE), measured.get(BASELINE)),
+                macs_ratio=with_scores,
+                macs_ratio_without_attention_scores=without_scores,
+            )
+        )
     return rows
 
 
@@ -219,17 +275,14 @@ def environment(options: BenchOptions) -> dict:
     )
 
 
-def latency_variants(options: BenchOptions) -> int:
-    """Variants each latency run times: baseline, T-GATE eager and fused, and the optional ones."""
-    return 3 + int(options.reference and reference_available()) + int(options.compile)
-
-
 def planned_work(options: BenchOptions) -> int:
     """Progress-bar ticks the run will make."""
     macs = 2 * len(options.models)
-    calls = (options.repeats + 1) * latency_variants(options)
+    calls = (options.repeats + 1) * len(latency_variants(options))
     latency = len(options.latency_models) * len(options.gate_steps or [0]) * calls
-    return macs + latency + (1 if options.python_calls_model else 0)
+    sweep_runs = [r for r in options.resolutions if r != options.resolution or options.gate_steps]
+    sweep = len(options.latency_models) * len(sweep_runs) * (options.repeats + 1) * 2
+    return macs + latency + sweep + (1 if options.python_calls_model else 0)
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> BenchResults:
@@ -246,6 +299,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
             dtype=str(options.dtype).replace("torch.", ""),
             reference=options.reference,
             compile=options.compile,
+            resolutions=options.resolutions,
             python_calls_model=options.python_calls_model,
             extra_manifests=list(options.extra_manifests),
         ),
@@ -260,7 +314,10 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
         results.macs += rows
         results.macs_sweep += sweep
     for name in options.latency_models:
-        results.latency += _latency_rows(options.architecture(name), options, progress)
+        arch = options.architecture(name)
+        main = _latency_rows(arch, options, progress)
+        results.latency += main
+        results.resolutions += _resolution_rows(arch, options, progress, main)
     if options.python_calls_model:
         results.python_calls = _python_calls_rows(options)
         progress(f"{options.python_calls_model}: Python calls per step")

@@ -14,10 +14,28 @@ from __future__ import annotations
 
 import torch
 
-from ..guidance import MERGED, PROMPT, NEGATIVE, TEXT_PAIR, DenoiserCall
+from .. import plan_data
+from ..guidance import MERGED, NEGATIVE, PROMPT, TEXT_PAIR, DenoiserCall, Mode
 from ..schedule import AttentionAction
 from ..state import GenerationState
 from .base import TgateHook
+
+
+def merge_text_pair(output: torch.Tensor, parts: tuple[str, ...]) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """``output`` of a call carrying ``parts`` with the prompt and negative-prompt rows replaced by
+    their mean (the reference's ``(first + second) / 2``), and the parts that now lay it out."""
+    chunks = output.chunk(len(parts))
+    first, second = sorted((parts.index(NEGATIVE), parts.index(PROMPT)))
+    merged = (chunks[first] + chunks[second]) / 2
+    runs, pieces = [], []
+    for part, chunk in zip(parts, chunks):
+        if part not in TEXT_PAIR:
+            runs.append(part)
+            pieces.append(chunk)
+        elif MERGED not in runs:
+            runs.append(MERGED)
+            pieces.append(merged)
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)), tuple(runs)
 
 
 class PartCache:
@@ -44,18 +62,7 @@ class PartCache:
             self.clear()
             self._gate_step = step
         if all(part in parts for part in TEXT_PAIR):
-            chunks = output.chunk(len(parts))
-            first, second = sorted((parts.index(NEGATIVE), parts.index(PROMPT)))
-            merged = (chunks[first] + chunks[second]) / 2
-            runs, pieces = [], []
-            for part, chunk in zip(parts, chunks):
-                if part not in TEXT_PAIR:
-                    runs.append(part)
-                    pieces.append(chunk)
-                elif MERGED not in runs:
-                    runs.append(MERGED)
-                    pieces.append(merged)
-            self.store(pieces[0] if len(pieces) == 1 else torch.cat(pieces), tuple(runs))
+            self.store(*merge_text_pair(output, parts))
         elif len(parts) == 1 and parts[0] in TEXT_PAIR:
             # separate calls bring one part each: the mean is taken when it is first needed
             self._text_parts[parts[0]] = output
@@ -85,16 +92,23 @@ class PartCache:
 
 
 class AttentionCacheHook(TgateHook):
-    """Computes, caches or reuses one attention module's output as the step's plan says."""
+    """Computes, caches or reuses one attention module's output as the step's plan says.
+
+    With ``plan_as_data`` (a denoiser T-GATE compiles) it follows the plan's flags instead, in
+    code ``torch.compile`` can trace once for every step (:mod:`tgate_kernels.plan_data`); the
+    first call of each layout runs it eagerly, which creates the buffers the graph then updates.
+    """
 
     name = "tgate_attention_cache"
     _is_stateful = True
 
-    def __init__(self, state: GenerationState, denoiser: str, cross: bool) -> None:
+    def __init__(self, state: GenerationState, denoiser: str, cross: bool, plan_as_data: bool = False) -> None:
         super().__init__(state)
         self.denoiser = denoiser
         self.cross = cross
+        self.plan_as_data = plan_as_data
         self.cache = PartCache()
+        self.buffers: dict[tuple, torch.Tensor] = {}
 
     def reset_state(self, module):
         self.cache.clear()
@@ -102,6 +116,7 @@ class AttentionCacheHook(TgateHook):
 
     def detached(self, module) -> None:
         self.cache.clear()
+        self.buffers = {}
 
     def cached_for(self, call: DenoiserCall) -> torch.Tensor | None:
         """The output to reuse in ``call``, for callers that skip the module's call; recorded as a reuse."""
@@ -115,6 +130,8 @@ class AttentionCacheHook(TgateHook):
         call = state.call
         if call is None:
             return self.original(*args, **kwargs)
+        if self.plan_as_data:
+            return self._forward_by_flags(call, *args, **kwargs)
         plan = state.plan
         action = plan.cross_attention if self.cross else plan.self_attention
         if action is AttentionAction.REUSE:
@@ -132,3 +149,57 @@ class AttentionCacheHook(TgateHook):
         elif action is AttentionAction.REUSE and self.cross and state.reuse_fills_cache:
             self.cache.store(output, call.runs)
         return output
+
+    # -- the plan as data -------------------------------------------------------------------
+
+    def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
+        key = (role, like.shape[0], like.dtype, like.device)
+        buffer = self.buffers.get(key)
+        if buffer is None:
+            buffer = self.buffers[key] = torch.zeros_like(like)
+        return buffer
+
+    def _forward_by_flags(self, call: DenoiserCall, *args, **kwargs):
+        state = self.state
+        data = state.plan_data
+        sample = args[0] if args else kwargs["hidden_states"]
+        flags = data.flags(sample.device)
+        reuse_self, store_self = flags[plan_data.REUSE_SELF], flags[plan_data.STORE_SELF]
+        if data.after_gate and self.cross:
+            if data.cross_ready(self.denoiser):
+                return self.buffers[("after", sample.shape[0], sample.dtype, sample.device)]
+            output = self.original(*args, **kwargs)
+            if state.reuse_fills_cache:
+                self._buffer("after", output).copy_(output)
+            return output
+        output = self.original(*args, **kwargs)
+        if data.after_gate:
+            kept = self._buffer("after", output)
+            result = torch.where(reuse_self, kept, output)
+            kept.copy_(torch.where(store_self, output, kept))
+            return result
+        result = output
+        if not self.cross:
+            before = self._buffer("before", output)
+            result = torch.where(reuse_self, before, output)
+            before.copy_(torch.where(store_self, output, before))
+        self._keep_at_gate(output, call, flags[plan_data.GATE], flags[plan_data.FIRST_PART])
+        return result
+
+    def _keep_at_gate(self, output: torch.Tensor, call: DenoiserCall, gate: torch.Tensor, first: torch.Tensor) -> None:
+        """At the gate, what the steps after it reuse: the mean over the text pair."""
+        parts = call.parts
+        layout = self.state.guidance.layout
+        if all(part in parts for part in TEXT_PAIR):
+            merged, _ = merge_text_pair(output, parts)
+            kept = self._buffer("after", merged)
+            kept.copy_(torch.where(gate, merged, kept))
+        elif layout is not None and layout.mode is Mode.SEPARATE and parts[0] in TEXT_PAIR:
+            # one part per call: the first call's output waits for the second's
+            held = self._buffer("held", output)
+            held.copy_(torch.where(gate & first, output, held))
+            kept = self._buffer("after", output)
+            kept.copy_(torch.where(gate & ~first, (held + output) / 2, kept))
+        else:
+            kept = self._buffer("after", output)
+            kept.copy_(torch.where(gate, output, kept))

@@ -17,6 +17,8 @@ from __future__ import annotations
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .. import _compat
+from ..compilation import CompiledForward, CompileSettings
+from ..guidance import Mode
 from ..guided_arguments import GuidedArguments, spread_output
 from ..recording import RecordedCall
 from ..state import GenerationState
@@ -38,6 +40,39 @@ class DenoiserHook(TgateHook):
         self.main = main
         self.arguments = arguments
         self.context = StateManager(_NoState)
+        self.compiled: CompiledForward | None = None
+        """The denoiser's forward compiled below this hook (``enable(pipe, compile=...)``)."""
+        self._layouts_run_eagerly: set[tuple] = set()
+
+    def _run(self, call, args: tuple, kwargs: dict):
+        """The denoiser's forward on (cut) arguments: eager, or compiled with the plan as data."""
+        if self.compiled is None:
+            return self.original(*args, **kwargs)
+        self.compile(self.compiled.settings)  # anew only if the chain below was rewired
+        state = self.state
+        layout = state.guidance.layout
+        data = state.plan_data
+        sample = args[0] if args else kwargs[self.arguments.sample]
+        first_part = layout is None or layout.mode is not Mode.SEPARATE or call.parts[0] == layout.parts[0]
+        data.prepare(self.denoiser, state.plan, first_part, sample.device)
+        key = (data.after_gate, data.cross_ready(self.denoiser), state.reuse_fills_cache, call.parts, call.runs,
+               tuple(sample.shape), sample.dtype, sample.device)
+        if key in self._layouts_run_eagerly:
+            output = self.compiled(*args, **kwargs)
+        else:
+            # the first call of each layout runs eagerly: it creates the cache buffers the graph reads
+            self._layouts_run_eagerly.add(key)
+            output = self.original(*args, **kwargs)
+        data.finished(self.denoiser, state.plan, state.reuse_fills_cache)
+        return output
+
+    def compile(self, settings: CompileSettings | None) -> None:
+        """Compile the forward below this hook with ``settings`` (``None``: eager). Compiling
+        again with the same settings keeps the compiled graphs."""
+        if settings is None:
+            self.compiled = None
+        elif self.compiled is None or self.compiled.settings != settings or self.compiled.eager is not self.fn_ref.original_forward:
+            self.compiled = CompiledForward(self.fn_ref.original_forward, settings, self.denoiser)
 
     def reset_state(self, module):
         self.context.reset()
@@ -65,9 +100,9 @@ class DenoiserHook(TgateHook):
                 state.announce_cut()
                 layout = guidance.layout
                 args, kwargs = self.arguments.select(args, kwargs, call.parts, call.runs, layout.kept)
-                output = spread_output(self.original(*args, **kwargs), rows_run, call.runs, call.parts)
+                output = spread_output(self._run(call, args, kwargs), rows_run, call.runs, call.parts)
             else:
-                output = self.original(*args, **kwargs)
+                output = self._run(call, args, kwargs)
         finally:
             state.call = outer
         if call.keep_for_replay:

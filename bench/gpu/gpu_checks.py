@@ -1,0 +1,150 @@
+"""The GPU checks of ``bench/gpu/run.sh``: the fused op through the dispatcher on CUDA, its
+bandwidth against a device copy, and SD-1.5 / SDXL end to end. Writes ``GPU_RESULTS.md`` (and
+the raw JSON) into ``--out``.
+
+    python3 bench/gpu/gpu_checks.py --out bench/out/gpu [--skip-sdxl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
+
+
+def opcheck_on_cuda() -> list[str]:
+    """``torch.library.opcheck`` of the op's CUDA registration (Triton kernel), every variant and
+    dtype, and its agreement with the float64 reference."""
+    from tgate_kernels import ops
+
+    op = torch.ops.tgate.post_gate_residual_norm.default
+    lines = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for variant in ("sd", "pixart"):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            hidden, attn, cross = (torch.randn(2, 77, 320, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
+            if variant == "sd":
+                extra = (None, torch.randn(320, device="cuda", dtype=dtype), torch.randn(320, device="cuda", dtype=dtype), 1e-5, None, None)
+            else:
+                gate, scale, shift = (torch.randn(2, 1, 320, device="cuda", dtype=dtype) for _ in range(3))
+                extra = (gate, None, None, 1e-6, scale, shift)
+            args = (hidden, attn, cross, *extra)
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+            fused = op(*args)
+            reference = ops.reference_post_gate_residual_norm(
+                hidden, attn, cross, gate=extra[0], weight=extra[1], bias=extra[2], eps=extra[3], scale=extra[4],
+                shift=extra[5], compute_dtype=torch.float64,
+            )
+            error = max(float((a.double() - b.double()).abs().max()) for a, b in zip(fused, reference))
+            lines.append(f"| {str(dtype).removeprefix('torch.')} | {variant} | opcheck passed | {error:.2e} |")
+            log(f"opcheck {dtype} {variant}: max error {error:.2e}")
+    return lines
+
+
+def bandwidth() -> list[str]:
+    """Fused op vs the eager sequence vs a device copy of the same bytes (fp16)."""
+    import triton.testing
+    from bench_ops import SHAPES, _inputs, eager_post_gate
+
+    from tgate_kernels import ops
+
+    lines = []
+    for shape in SHAPES:
+        (hidden, attn, cross), kwargs, traffic = _inputs(shape, torch.float16, "cuda")
+        fused_ms = triton.testing.do_bench(lambda: ops.post_gate_residual_norm(hidden, attn, cross, **kwargs))
+        eager_ms = triton.testing.do_bench(lambda: eager_post_gate(hidden, attn, cross, **kwargs))
+        source = torch.empty(traffic // 4, dtype=torch.float16, device="cuda")
+        target = torch.empty_like(source)
+        copy_ms = triton.testing.do_bench(lambda: target.copy_(source))  # reads and writes traffic/2 each
+        gbps = lambda ms: traffic / ms / 1e6  # noqa: E731
+        model, batch, n, d, _ = shape
+        lines.append(
+            f"| {model} B{batch} N{n} D{d} | {eager_ms * 1e3:.1f} | {fused_ms * 1e3:.1f} | {eager_ms / fused_ms:.2f}× "
+            f"| {gbps(fused_ms):.0f} | {gbps(copy_ms):.0f} | {fused_ms and copy_ms / fused_ms:.0%} |"
+        )
+        log(lines[-1])
+    return lines
+
+
+def end_to_end(model: str, resolution: int) -> list:
+    from tgate_kernels.benchmarking.suite import BenchOptions, run_bench
+
+    options = BenchOptions(
+        models=[], latency_models=[model], resolution=resolution, steps=25, gate_steps=[10], repeats=3,
+        device="cuda", dtype=torch.float16, reference=True, compile=True, resolutions=[], python_calls_model=None,
+    )
+    results = run_bench(options, lambda message: log(f"{model}: {message}"))
+    return results.latency
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--skip-sdxl", action="store_true")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    assert torch.cuda.is_available(), "no CUDA device"
+    name = torch.cuda.get_device_name(0)
+    log(f"{name}, torch {torch.__version__}")
+    sections = [
+        "# GPU results",
+        "",
+        f"Machine: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}. Command (after `bench/gpu/prepare.sh` "
+        f"on the development machine): `bash bench/gpu/run.sh` on the device machine, `.whl` carried.",
+        "",
+        "## The fused op through the dispatcher on CUDA",
+        "",
+        "| dtype | variant | `torch.library.opcheck` | max abs error vs float64 |",
+        "| --- | --- | --- | ---: |",
+        *opcheck_on_cuda(),
+        "",
+        "## Bandwidth (float16, `triton.testing.do_bench` medians)",
+        "",
+        "Bytes: three (B, N, D) inputs read and two written (the fused op's minimum traffic); the copy roof is a "
+        "device-to-device copy of as many bytes.",
+        "",
+        "| shape | eager µs | fused µs | speed-up | fused GB/s | copy GB/s | of copy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *bandwidth(),
+    ]
+    raw = {}
+    for model, resolution in (("sd15", 512), ("sdxl", 1024)):
+        if model == "sdxl" and args.skip_sdxl:
+            continue
+        rows = end_to_end(model, resolution)
+        raw[model] = [row.__dict__ for row in rows]
+        sections += [
+            "",
+            f"## {rows[0].label}, {resolution}², 25 steps, gate 10, float16",
+            "",
+            "| variant | median s | vs baseline | MACs predict | vs reference | first call s | peak MB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in rows:
+            cells = [row.variant, row.median_s, row.latency_ratio, row.macs_ratio, row.latency_ratio_vs_reference, row.first_call_s, row.peak_memory_mb]
+            sections.append("| " + " | ".join("-" if c is None else (f"{c:.3f}" if isinstance(c, float) else str(c)) for c in cells) + " |")
+            if row.error:
+                sections.append(f"| ({row.variant}: {row.error[:120]}) | | | | | | |")
+    sections += ["", f"Total time of the checks: {time.perf_counter() - START:.0f} s."]
+    with open(os.path.join(args.out, "GPU_RESULTS.md"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(sections) + "\n")
+    with open(os.path.join(args.out, "gpu_results.json"), "w", encoding="utf-8") as handle:
+        json.dump(raw, handle, indent=2, default=str)
+    log("written " + os.path.join(args.out, "GPU_RESULTS.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

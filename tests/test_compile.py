@@ -1,0 +1,112 @@
+"""``enable(pipe, compile=...)``: the step plan never reaches a compiled graph, so a schedule adds
+no graph and no recompilation; a compile failure runs eagerly with one warning; disable restores
+the uncompiled modules. The tests compile with dynamo's ``eager`` backend (the same graphs, no
+code generation), which keeps them fast."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import tgate_kernels
+from tgate_kernels import _compat
+from fixtures.tiny_pipelines import tiny_pixart_alpha, tiny_sd
+
+from conftest import generate, max_abs_diff
+
+EAGER_BACKEND = {"backend": "eager"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    return _compat.compiled_graph_count()
+
+
+@pytest.mark.parametrize("factory, extra", [(tiny_sd, {}), (tiny_pixart_alpha, {"clean_caption": False, "height": 256, "width": 256})])
+def test_schedules_add_no_graph_and_the_result_is_eager_t_gates(factory, extra):
+    schedules = [
+        dict(gate_step=3, sp_interval=2, warm_up=1),
+        dict(gate_step=5, sp_interval=3, fi_interval=2, warm_up=0),
+        dict(gate_step=0.5, sp_interval=1, warm_up=2),
+    ]
+    pipe = tgate_kernels.enable(factory(), compile=EAGER_BACKEND, **schedules[0])
+    assert tgate_kernels.view(pipe).fast_blocks == (), "under compile inductor fuses the plain ops"
+    first = generate(pipe, steps=6, **extra)
+    graphs = _graphs()
+    assert graphs > 0
+    for steps, schedule in zip((6, 10, 8), schedules):
+        tgate_kernels.enable(pipe, compile=EAGER_BACKEND, **schedule)
+        compiled = generate(pipe, steps=steps, **extra)
+        assert _graphs() == graphs, f"{schedule} compiled {_graphs() - graphs} more graphs"
+        eager = generate(tgate_kernels.enable(factory(), kernels="off", **schedule), steps=steps, **extra)
+        assert max_abs_diff(compiled, eager) <= 1e-5
+    assert np.array_equal(generate(tgate_kernels.enable(pipe, compile=EAGER_BACKEND, **schedules[0]), steps=6, **extra), first)
+
+
+def test_disable_restores_the_uncompiled_denoiser():
+    baseline = generate(tiny_sd())
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=2, compile=EAGER_BACKEND)
+    generate(pipe)
+    tgate_kernels.disable(pipe)
+    graphs = _graphs()
+    assert np.array_equal(generate(pipe), baseline)
+    assert _graphs() == graphs, "nothing runs compiled after disable"
+    assert not any("_diffusers_hook" in m.__dict__ or "forward" in m.__dict__ for m in pipe.unet.modules())
+
+
+def test_switching_compile_off_and_on_rebuilds_the_hooks():
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=2, compile=EAGER_BACKEND)
+    compiled = generate(pipe)
+    tgate_kernels.enable(pipe, gate_step=2)
+    graphs = _graphs()
+    eager = generate(pipe)
+    assert _graphs() == graphs and tgate_kernels.view(pipe).fast_blocks
+    assert max_abs_diff(eager, compiled) <= 1e-5
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning():
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    expected = generate(tgate_kernels.enable(tiny_sd(), gate_step=2, kernels="off"))
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=2, compile={"backend": broken_backend})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = generate(pipe)
+        second = generate(pipe)
+    messages = [str(w.message) for w in caught if "torch.compile of unet failed" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler here" in messages[0]
+    assert max_abs_diff(first, expected) == 0.0 and max_abs_diff(second, expected) == 0.0
+
+
+@pytest.mark.parametrize(
+    "option, error, words",
+    [
+        ("yes", TypeError, ["compile", "'yes'", "True, False or a dict"]),
+        ({"mode": "fast", "bogus": 1}, ValueError, ["compile", "bogus", "allowed"]),
+        ({"freezing": "always"}, TypeError, ["compile['freezing']", "'always'"]),
+    ],
+)
+def test_bad_compile_options_are_refused_before_anything_is_modified(option, error, words):
+    pipe = tiny_sd()
+    with pytest.raises(error) as info:
+        tgate_kernels.enable(pipe, compile=option)
+    assert all(word in str(info.value) for word in words)
+    assert tgate_kernels.view(pipe) is None and "_diffusers_hook" not in pipe.unet.__dict__
+
+
+def test_compile_with_deepcache_or_offloading_is_refused():
+    with pytest.raises(ValueError, match="`compile` does not combine with `deepcache`"):
+        tgate_kernels.enable(tiny_sd(), compile=True, deepcache={"cache_interval": 2, "cache_branch_id": 0})
+    pipe = tiny_sd()
+    pipe.enable_model_cpu_offload(device="cpu")
+    tgate_kernels.enable(pipe, compile=EAGER_BACKEND)
+    with pytest.raises(RuntimeError, match="does not combine with accelerate's offloading"):
+        generate(pipe)

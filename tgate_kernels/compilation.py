@@ -1,0 +1,118 @@
+"""T-GATE-aware compilation of a pipeline's denoisers (``enable(pipe, compile=True)``).
+
+Compiling a denoiser whole would bake each step's plan into the graph (compute this attention,
+reuse that one), so a schedule would compile one graph per distinct plan, each holding its own
+copy of the weights once inductor freezes them. Instead T-GATE keeps every plan-dependent decision
+out of the compiled region: the denoiser's forward is compiled below T-GATE's denoiser hook (which
+cuts the guided batch), and the attention hooks, with the attention modules they call, run
+outside the graph (``torch.compiler.disable``): the graph breaks there, and the segments between
+the attentions are compiled. Every segment is the same whatever the step plan: one set of graphs
+per denoiser input shape, the guided batch before the gate and the cut one after it.
+
+Inductor with ``freezing`` (weights folded into the graph, prepacked for oneDNN on a CPU) is the
+default on every device; plain inductor is no faster than eager on a CPU. ``mode`` (e.g.
+``"max-autotune"`` on CUDA) adds inductor's settings of that mode. Any ``torch.compile`` failure (no C++ compiler, an
+unsupported backend) falls back to eager with one warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import _compat
+
+_KEYS = ("backend", "mode", "freezing", "dynamic", "options")
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """What ``compile=`` asked for; ``None`` fields are chosen for the device at the first call."""
+
+    backend: str = "inductor"
+    mode: str | None = None
+    freezing: bool | None = None
+    dynamic: bool | None = False
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_option(cls, option) -> "CompileSettings | None":
+        """``compile=`` validated: ``True``/``False``/``None`` or a dict of the fields above."""
+        if option is None or option is False:
+            return None
+        if option is True:
+            return cls()
+        if not isinstance(option, dict):
+            raise TypeError(
+                f"`compile` must be True, False or a dict with some of {list(_KEYS)} "
+                f"(e.g. {{'mode': 'max-autotune'}}), got {option!r} of type {type(option).__name__}."
+            )
+        unknown = sorted(set(option) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"`compile` got unknown keys {unknown}; allowed: {', '.join(map(repr, _KEYS))}.")
+        checks = {
+            "backend": lambda v: isinstance(v, str) or callable(v),
+            "mode": lambda v: v is None or isinstance(v, str),
+            "freezing": lambda v: v is None or isinstance(v, bool),
+            "dynamic": lambda v: v is None or isinstance(v, bool),
+            "options": lambda v: isinstance(v, dict),
+        }
+        for key, value in option.items():
+            if not checks[key](value):
+                raise TypeError(f"`compile['{key}']` has an invalid value {value!r}.")
+        return cls(**option)
+
+    def for_device(self, device_type: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Keyword arguments of ``torch.compile`` for a denoiser on ``device_type``, and the
+        inductor settings to hold while it runs. Freezing has to be set while dynamo traces,
+        not only while inductor compiles (``torch.compile(options=...)`` sets it too late: dynamo
+        then passes the weights as inputs, which cannot be frozen), so inductor's settings are
+        held around every call instead of passed as ``options``."""
+        if self.backend != "inductor":
+            return dict(backend=self.backend, mode=self.mode, dynamic=self.dynamic, options=self.options or None), {}
+        from torch._inductor import list_mode_options
+
+        settings = dict(list_mode_options(self.mode)) if self.mode is not None else {}
+        settings["freezing"] = True if self.freezing is None else self.freezing
+        settings.update(self.options)
+        return dict(backend="inductor", dynamic=self.dynamic), settings
+
+
+class CompiledForward:
+    """A denoiser's forward, compiled on first use, eager again (with one warning) if compiling fails."""
+
+    def __init__(self, forward: Callable, settings: CompileSettings, name: str) -> None:
+        self.eager = forward
+        self.settings = settings
+        self.name = name
+        self.failure: str | None = None
+        self._compiled: Callable | None = None
+        self._inductor_settings: dict[str, Any] = {}
+
+    def __call__(self, *args, **kwargs):
+        if self.failure is None:
+            if self._compiled is None:
+                device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+                compile_kwargs, self._inductor_settings = self.settings.for_device(device)
+                self._compiled = torch.compile(self.eager, **compile_kwargs)
+            try:
+                with _compat.inductor_settings(self._inductor_settings):
+                    return self._compiled(*args, **kwargs)
+            except _compat.compiler_errors() as error:
+                self.failure = _cause(error)
+                warnings.warn(
+                    f"torch.compile of {self.name} failed ({self.failure}); T-GATE runs it eagerly instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.eager(*args, **kwargs)
+
+
+def _cause(error: BaseException) -> str:
+    """The compiler error and what caused it, on one line."""
+    cause = getattr(error, "inner_exception", None) or error.__cause__
+    text = f"{type(error).__name__}" + (f" from {type(cause).__name__}: {cause}" if cause is not None else f": {error}")
+    return " ".join(text.split())[:300]
