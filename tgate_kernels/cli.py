@@ -1,12 +1,14 @@
-"""``tgate-kernels``: benchmark T-GATE on real architectures, and run it on local pipelines.
+"""``tgate-kernels``: benchmark T-GATE on real architectures, generate with it, and evaluate.
 
     tgate-kernels bench                          # MACs, params, latency, Python calls -> bench/out/
-    tgate-kernels generate --model DIR --prompt "..." --out image.png
-    tgate-kernels compare  --model DIR --prompt "..." --gate-steps 5,10,15 --out grid.png
+    tgate-kernels generate --model ID_OR_DIR --prompts prompts.txt --out images/   # resumable
+    accelerate launch -m tgate_kernels generate ...                                # data-parallel
+    tgate-kernels eval plain/ gated/             # PSNR, SSIM, FID, CLIP score between two runs
+    tgate-kernels compare  --model ID_OR_DIR --prompt "..." --gate-steps 5,10,15 --out grid.png
 
-Nothing is ever downloaded: ``bench`` builds its denoisers from the configs shipped in the
-package (random weights), and ``generate``/``compare`` load pipelines with
-``local_files_only=True`` (a local folder, or a model already in the Hugging Face cache).
+``bench`` builds its denoisers from the configs shipped in the package (random weights, nothing
+downloaded); ``generate`` and ``compare`` load pipelines as diffusers does (a local folder, or a
+Hub id downloaded when online unless ``--local-files-only``/``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,24 @@ def _resolution(text: str) -> int:
     return value
 
 
+def _gate_step(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an int step >= 0 or a fraction in (0, 1)") from None
+    if value.is_integer() and "." not in text:
+        return _non_negative_int(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed; expected an int step >= 0 or a fraction in (0, 1)")
+    return value
+
+
+def _resolution_list(text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    return [_resolution(item.strip()) for item in text.split(",") if item.strip()]
+
+
 def _int_list(text: str) -> list[int]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
@@ -90,12 +110,19 @@ def _device(text: str) -> str:
     return str(device)
 
 
-def _resolve_dtype(name: str, device: str):
+def _resolve_dtype(name: str, device: str, fast_cpu_dtype: bool = False):
+    """``auto``: float16 on CUDA; on a CPU float32, or with ``fast_cpu_dtype`` (benchmarks: what a
+    user after speed would run) bfloat16 where the CPU has native bfloat16 (AVX512-BF16 or AMX)."""
     import torch
 
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.float16
+    if not fast_cpu_dtype:
+        return torch.float32
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return torch.bfloat16 if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else torch.float32
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--architectures", action="append", default=[], metavar="MANIFEST",
                        help="a benchmarks.json of more architectures (the format of tgate_kernels/configs/benchmarks.json, "
                             "configs beside it); may be given several times")
-    bench.add_argument("--resolution", type=_resolution, default=128, help="image side in pixels for the latency runs (multiple of 64)")
+    bench.add_argument("--resolution", type=_resolution, default=256, help="image side in pixels of the latency run that times every variant (multiple of 64)")
+    bench.add_argument("--resolutions", type=_resolution_list, default=[128, 256, 512],
+                       help="image sides of the resolution sweep (baseline vs T-GATE, next to the MACs prediction), or none")
     bench.add_argument("--steps", type=_positive_int, default=10, help="denoising steps of the latency runs")
     bench.add_argument(
         "--gate-steps",
@@ -141,12 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=_positive_int, default=2, help="timed calls per variant (after one warm-up call each)")
     bench.add_argument("--device", type=_device, default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
-    bench.add_argument("--dtype", choices=_DTYPES, default="auto", help="latency dtype; auto is float16 on CUDA, float32 on CPU")
+    bench.add_argument("--dtype", choices=_DTYPES, default="auto",
+                       help="latency dtype; auto is what a user would run: float16 on CUDA, bfloat16 on a CPU with native "
+                            "bfloat16 (AVX512-BF16 or AMX), float32 otherwise")
     bench.add_argument("--no-reference", dest="reference", action="store_false", default=True,
                        help="do not time the reference `tgate` package (timed by default when installed)")
     bench.add_argument("--compile", action="store_true",
-                       help="also time T-GATE's fast path with the denoiser under torch.compile (compiling takes "
-                            "minutes on a CPU)")
+                       help="also time tgate_kernels.enable(pipe, compile=True) (compiling takes minutes on a CPU; its "
+                            "time and memory are reported as the first call's)")
     bench.add_argument("--no-python-calls", dest="python_calls", action="store_false", help="skip counting Python calls per step")
     bench.add_argument("--python-calls-model", default="sd15", help="the one model whose pipeline the Python calls per step are counted on (at 64 px)")
     bench.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG plot")
@@ -154,32 +185,61 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_run_bench)
 
     for name, summary in (
-        ("generate", "generate one image with T-GATE from a local pipeline"),
+        ("generate", "generate images with T-GATE: one prompt, or a prompts file into a folder (resumable, "
+                     "data-parallel under `accelerate launch -m tgate_kernels generate ...`)"),
         ("compare", "the same prompt and seed with and without T-GATE, side by side, with PSNR/SSIM"),
     ):
-        sub = commands.add_parser(name, help=summary, description=summary + ". Nothing is downloaded.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        sub.add_argument("--model", required=True, help="pipeline folder (save_pretrained layout) or a model id already in the local Hugging Face cache")
-        sub.add_argument("--prompt", required=True)
-        sub.add_argument("--negative-prompt", default=None)
+        sub = commands.add_parser(name, help=summary, description=summary + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("--model", required=True,
+                         help="a pipeline folder (save_pretrained layout) or a Hugging Face Hub id, downloaded when online as "
+                              "from_pretrained does")
+        sub.add_argument("--local-files-only", action="store_true", help="never download (HF_HUB_OFFLINE=1 does the same)")
+        sub.add_argument("--variant", default=None, help="the weights variant to load, e.g. fp16")
+        prompts = sub.add_mutually_exclusive_group(required=True)
+        prompts.add_argument("--prompt")
+        if name == "generate":
+            prompts.add_argument("--prompts", metavar="FILE",
+                                 help="a text file (one prompt a line) or JSON Lines (.jsonl: prompt, negative_prompt, seed, "
+                                      "any pipeline argument)")
+        sub.add_argument("--negative-prompt", default=None, help="for prompts that give none")
         sub.add_argument("--steps", type=_positive_int, default=25, help="num_inference_steps")
         sub.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's default when not given")
         sub.add_argument("--height", type=_positive_int, default=None)
         sub.add_argument("--width", type=_positive_int, default=None)
-        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--seed", type=_non_negative_int, default=0, help="base seed (see README: every image's seed follows from its place)")
         sub.add_argument("--sp-interval", type=_positive_int, default=5)
         sub.add_argument("--fi-interval", type=_positive_int, default=1)
         sub.add_argument("--warm-up", type=_non_negative_int, default=2)
         sub.add_argument("--deepcache", type=_deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")
-        sub.add_argument("--device", type=_device, default="auto")
-        sub.add_argument("--dtype", choices=_DTYPES, default="auto")
+        sub.add_argument("--device", type=_device, default="auto", help="auto: the process's device under accelerate, else cuda when present")
+        sub.add_argument("--dtype", choices=_DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
         if name == "generate":
-            sub.add_argument("--gate-step", type=_non_negative_int, default=10, help="step from which cross-attention is reused and CFG dropped")
-            sub.add_argument("--out", default="image.png", help="PNG file to write")
+            sub.add_argument("--gate-step", type=_gate_step, default=10, help="an int step, or a float fraction of the steps (0.4)")
+            sub.add_argument("--no-tgate", dest="tgate", action="store_false", help="the plain pipeline: the baseline set")
+            sub.add_argument("--compile", action="store_true", help="tgate_kernels.enable(pipe, compile=True)")
+            sub.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call")
+            sub.add_argument("--images-per-prompt", type=_positive_int, default=1)
+            sub.add_argument("--out", default="images", help="a folder (images, metadata.jsonl, run.json), or a .png file for one image")
             sub.set_defaults(handler=_run_generate)
         else:
             sub.add_argument("--gate-steps", type=_int_list, default=[10], help="comma-separated gate steps, one T-GATE image each")
             sub.add_argument("--out", default="compare.png", help="PNG grid to write")
             sub.set_defaults(handler=_run_compare)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="compare two generate folders image by image: PSNR, SSIM, FID, CLIP score",
+        description="Match the images of two `generate` folders by prompt index, image and seed (e.g. an ungated and a "
+                    "gated run of the same prompts) and report per-image and mean PSNR and SSIM, and FID and CLIP score "
+                    "when their feature extractors are available locally.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    evaluate.add_argument("dir_a")
+    evaluate.add_argument("dir_b")
+    evaluate.add_argument("--clip-model", default=None, help="a local CLIP folder or a model id in the local Hugging Face cache")
+    evaluate.add_argument("--device", type=_device, default="auto")
+    evaluate.add_argument("--out", default=None, help="folder for eval.json, eval.csv and eval.png (default: DIR_B/eval)")
+    evaluate.set_defaults(handler=_run_eval)
     return parser
 
 
@@ -234,9 +294,10 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         gate_steps=args.gate_steps,
         repeats=args.repeats,
         device=args.device,
-        dtype=_resolve_dtype(args.dtype, args.device),
+        dtype=_resolve_dtype(args.dtype, args.device, fast_cpu_dtype=True),
         reference=args.reference,
         compile=args.compile,
+        resolutions=args.resolutions,
         python_calls_model=python_calls_model,
         extra_manifests=extra,
     )
@@ -258,82 +319,134 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 # ------------------------------------------------------------------------------------------
 
 
-class ModelNotFound(RuntimeError):
-    pass
-
-
-def load_local_pipeline(model: str, device: str, dtype):
-    """``DiffusionPipeline.from_pretrained(model, local_files_only=True)``; a missing model raises
-    :class:`ModelNotFound` with a message saying where it was looked for."""
-    import torch
-    from diffusers import DiffusionPipeline
+def _load(args: argparse.Namespace, parser: argparse.ArgumentParser, device: str):
+    from .jobs.loading import ModelUnavailable, load_pipeline
 
     try:
-        # float32 is the default; asking for it only draws a deprecation warning on new diffusers.
-        options = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        pipe = DiffusionPipeline.from_pretrained(model, local_files_only=True, **options)
-    except (OSError, ValueError) as error:
-        where = "folder" if os.path.isdir(model) else "local folder or the local Hugging Face cache"
-        raise ModelNotFound(
-            f"could not load a diffusers pipeline from {model!r} (looked in the {where}; nothing is downloaded): {error}"
-        ) from error
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+        return load_pipeline(args.model, device=device, dtype=_resolve_dtype(args.dtype, device), variant=args.variant,
+                             local_files_only=args.local_files_only)
+    except ModelUnavailable as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 def _call_kwargs(args: argparse.Namespace) -> dict:
-    import torch
-
-    kwargs = dict(prompt=args.prompt, num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed))
-    optional = dict(negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+    kwargs = dict(num_inference_steps=args.steps)
+    optional = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs
 
 
-def _enable_kwargs(args: argparse.Namespace, gate_step: int) -> dict:
+def _enable_kwargs(args: argparse.Namespace, gate_step) -> dict:
     kwargs = dict(gate_step=gate_step, sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up)
     if args.deepcache is not None:
         kwargs["deepcache"] = args.deepcache
+    if getattr(args, "compile", False):
+        kwargs["compile"] = True
     return kwargs
 
 
-def _timed_image(pipe, kwargs: dict):
-    import torch
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        image = pipe(**kwargs).images[0]
-    return image, time.perf_counter() - start
+def _check_gate_steps(args: argparse.Namespace, parser: argparse.ArgumentParser, gate_steps: list) -> None:
+    option = "--gate-step" if args.command == "generate" else "--gate-steps"
+    largest = max(gate_steps)
+    if isinstance(largest, int) and largest > args.steps:
+        parser.error(f"argument {option}: {largest} is larger than --steps {args.steps}; a gate step must be between 0 and the steps")
 
 
-def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser, gate_steps: list[int]):
+def _enable_or_exit(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser, gate_step) -> None:
     from . import api
 
-    if max(gate_steps) > args.steps:
-        option = "--gate-step" if args.command == "generate" else "--gate-steps"
-        parser.error(f"argument {option}: {max(gate_steps)} is larger than --steps {args.steps}; a gate step must be between 0 and the steps")
-
     try:
-        pipe = load_local_pipeline(args.model, args.device, _resolve_dtype(args.dtype, args.device))
-    except ModelNotFound as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    try:
-        # Validates the pipeline (a denoiser with cross-attention) before anything runs.
-        api.enable(pipe, **_enable_kwargs(args, gate_steps[0]))
-    except ValueError as error:
+        api.enable(pipe, **_enable_kwargs(args, gate_step))
+    except (ValueError, TypeError) as error:
         parser.exit(2, f"{parser.prog}: error: argument --model: {error}\n")
-    api.disable(pipe)
-    return pipe
 
 
 def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from . import api
+    from accelerate import PartialState
 
-    pipe = _prepare(args, parser, [args.gate_step])
-    api.enable(pipe, **_enable_kwargs(args, args.gate_step))
-    image, seconds = _timed_image(pipe, _call_kwargs(args))
-    _save(image, args.out)
-    print(f"T-GATE (gate_step={args.gate_step}, {args.steps} steps): {seconds:.2f} s -> {args.out} ({image.width}x{image.height})")
+    from . import api
+    from .jobs.folder import FolderError, OutputFolder
+    from .jobs.prompts import PromptFileError, PromptRow, check_arguments, plan_images, read_prompts
+    from .jobs.runner import run_job
+
+    _check_gate_steps(args, parser, [args.gate_step])
+    import torch
+
+    # processes on a machine without CUDA (or told to use the CPU) meet over gloo
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    single_file = args.out.lower().endswith(".png")
+    try:
+        rows = read_prompts(args.prompts) if args.prompts else [PromptRow(0, args.prompt)]
+    except PromptFileError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    tasks = plan_images(rows, args.images_per_prompt, args.seed, args.negative_prompt)
+    if single_file and len(tasks) != 1:
+        parser.error(f"argument --out: {args.out!r} is one image, but the job makes {len(tasks)}; give a folder")
+    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
+    settings = dict(
+        model=args.model, variant=args.variant, dtype=str(_resolve_dtype(args.dtype, device)).replace("torch.", ""),
+        **_call_kwargs(args), seed=args.seed, images_per_prompt=args.images_per_prompt,
+        tgate=_enable_kwargs(args, args.gate_step) if args.tgate else None,
+    )
+    folder = OutputFolder(os.path.dirname(os.path.abspath(args.out)) if single_file else args.out)
+    if not single_file:
+        try:
+            folder.check_run(settings)
+        except FolderError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
+    pipe = _load(args, parser, device)
+    try:
+        check_arguments(rows, _call_parameters(pipe), type(pipe).__name__)
+    except PromptFileError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if args.tgate:
+        _enable_or_exit(pipe, args, parser, args.gate_step)
+    if single_file:
+        from .jobs.runner import _generate
+
+        seconds, images = _generate(pipe, tasks, _call_kwargs(args))
+        _save(images[0], args.out)
+        label = f"T-GATE (gate_step={args.gate_step}, {args.steps} steps)" if args.tgate else f"plain ({args.steps} steps)"
+        print(f"{label}: {seconds:.2f} s -> {args.out} ({images[0].width}x{images[0].height})")
+        return 0
+    if state.is_main_process:
+        folder.write_run(settings)
+    state.wait_for_everyone()
+    row_fields = dict(model=args.model, settings=settings, device=device)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(tasks), desc="generate", unit="image", file=sys.stderr, disable=not state.is_main_process,
+              dynamic_ncols=True) as bar:
+        bar.update(len(folder.done() & {(t.index, t.image, t.seed) for t in tasks}))
+        summary = run_job(pipe, tasks, folder, batch_size=args.batch_size, call_arguments=_call_kwargs(args),
+                          row_fields=row_fields, progress=bar.update)
+    if args.tgate:
+        api.disable(pipe)
+    if state.is_main_process:
+        print(summary.render())
+        print(f"-> {args.out}")
+    return 0
+
+
+def _call_parameters(pipe) -> set[str]:
+    """The named arguments of the pipeline's call (diffusers pipelines' ``**kwargs`` only catch
+    deprecated ones, which are refused too)."""
+    import inspect
+
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    return {name for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .evaluation import evaluate, render, write_report
+
+    try:
+        report = evaluate(args.dir_a, args.dir_b, clip_model=args.clip_model, device=args.device)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(render(report))
+    paths = write_report(report, args.out or os.path.join(args.dir_b, "eval"))
+    print("written: " + ", ".join(paths.values()))
     return 0
 
 
@@ -341,14 +454,17 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from . import api
     from .benchmarking.fidelity import fidelity, labelled_grid
 
-    pipe = _prepare(args, parser, args.gate_steps)
-    baseline, baseline_s = _timed_image(pipe, _call_kwargs(args))
+    _check_gate_steps(args, parser, args.gate_steps)
+    pipe = _load(args, parser, args.device)
+    _enable_or_exit(pipe, args, parser, args.gate_steps[0])
+    api.disable(pipe)
+    baseline, baseline_s = _timed_image(pipe, _prompt_kwargs(args))
     tiles = [(baseline, f"baseline, {args.steps} steps", f"{baseline_s:.2f} s")]
     rows = [("baseline", "-", f"{baseline_s:.2f}", "inf", "1.0000")]
     for gate_step in args.gate_steps:
         api.enable(pipe, **_enable_kwargs(args, gate_step))
         try:
-            image, seconds = _timed_image(pipe, _call_kwargs(args))
+            image, seconds = _timed_image(pipe, _prompt_kwargs(args))
         finally:
             api.disable(pipe)
         psnr, ssim = fidelity(baseline, image)
@@ -361,6 +477,24 @@ def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     print(format_table(["variant", "gate", "seconds", "PSNR dB", "SSIM"], rows))
     print(f"fidelity against the image without T-GATE (same prompt and seed); grid -> {args.out} ({grid.width}x{grid.height})")
     return 0
+
+
+def _prompt_kwargs(args: argparse.Namespace) -> dict:
+    import torch
+
+    kwargs = dict(_call_kwargs(args), prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed))
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    return kwargs
+
+
+def _timed_image(pipe, kwargs: dict):
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        image = pipe(**kwargs).images[0]
+    return image, time.perf_counter() - start
 
 
 def _save(image, path: str) -> None:
