@@ -3,6 +3,7 @@ accelerate, loading like diffusers, and bad input refused before any image is ge
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -127,6 +128,12 @@ def test_a_rerun_makes_only_what_is_missing_and_a_crash_mid_write_is_not_taken_f
     assert {n: a.tolist() for n, a in _images(crashed).items()} == {n: a.tolist() for n, a in expected.items()}
 
 
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_under_accelerate_make_the_single_process_run(saved_tiny_sd, tmp_path):
     prompts = _text_prompts(tmp_path)
     single = tmp_path / "single"
@@ -135,7 +142,7 @@ def test_two_processes_under_accelerate_make_the_single_process_run(saved_tiny_s
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tgate_kernels",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "tgate_kernels",
          *_job(saved_tiny_sd, parallel, "--batch-size", "2", prompts_file=prompts)],
         capture_output=True, text=True, env=env, timeout=600,
     )
@@ -227,3 +234,13 @@ def test_eval_compares_the_two_sets_and_writes_its_report(saved_tiny_sd, tmp_pat
     with pytest.raises(SystemExit):
         cli.main(["eval", str(tmp_path / "plain"), str(tmp_path / "missing")])
     assert "folder B" in capsys.readouterr().err
+
+
+def test_auto_gates_are_recorded_per_image(saved_tiny_sd, tmp_path):
+    out = tmp_path / "auto"
+    argv = _job(saved_tiny_sd, out, "--batch-size", "2", prompts_file=_text_prompts(tmp_path))
+    argv[argv.index("--gate-step") + 1] = "auto"
+    assert cli.main(argv + ["--steps", "6"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 5 and all(2 <= row["gate_step_chosen"] <= 4 for row in rows)
+    assert all(row["settings"]["tgate"]["gate_step"] == "auto" for row in rows)

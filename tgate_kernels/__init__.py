@@ -18,7 +18,7 @@ from .loaders import (
     TgateSVDLoader,
 )
 from .options import KernelMode
-from .schedule import AttentionAction, StepPlan, TgateSettings, plan_generation, plan_step
+from .schedule import AttentionAction, AutoGate, StepPlan, TgateSettings, plan_generation, plan_step
 from .state import ConcurrentGenerationError
 from .view import TgateView
 
@@ -46,6 +46,7 @@ __all__ = [
     "TgateSDDeepCacheLoader",
     "TgateSDXLDeepCacheLoader",
     "TgateSettings",
+    "AutoGate",
     "AttentionAction",
     "StepPlan",
     "plan_step",

@@ -8,6 +8,7 @@ hooks. Every argument is validated before anything is modified.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import replace
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from .compilation import CompileSettings
 from .deepcache import DeepCacheCoordinator
 from .guidance import KeptPart
 from .options import KernelMode, choose
-from .schedule import TgateSettings
+from .schedule import AutoGate, TgateSettings
 from .view import TgateView
 
 
@@ -32,13 +33,15 @@ def enable(
     kernels: str = "auto",
     kept_part: str = "auto",
     compile: bool | dict = False,
+    auto_gate: dict | None = None,
 ):
     """Make the ordinary ``pipe(...)`` call run with T-GATE; returns ``pipe``.
 
     Args:
         gate_step: the step from which cross-attention is reused and classifier-free guidance
-            is dropped: an int step index in ``[0, num_inference_steps]`` or a float fraction in
-            (0, 1) of the steps the call runs (img2img's ``strength`` included).
+            is dropped: an int step index in ``[0, num_inference_steps]``, a float fraction in
+            (0, 1) of the steps the call runs (img2img's ``strength`` included), or ``"auto"``:
+            chosen in each generation once the cross-attention outputs stop changing.
         sp_interval: self-attention caching interval before the gate (>= 1).
         fi_interval: self-attention caching interval after the gate (>= 1; 1 computes it every step).
         warm_up: steps before self-attention is first cached (>= 0).
@@ -56,10 +59,15 @@ def enable(
             graphs per input shape whatever the schedule; inductor with freezing), or a dict of
             ``backend``, ``mode``, ``freezing``, ``dynamic``, ``options``; ``False`` runs eagerly.
             ``disable`` restores the uncompiled modules.
+        auto_gate: how ``gate_step="auto"`` chooses: ``{"threshold": 0.05, "min_fraction": 0.2,
+            "max_fraction": 0.6, "patience": 2}`` (any of them; see ``tgate_kernels.AutoGate``).
 
     Calling ``enable`` on an enabled pipeline replaces its settings.
     """
-    settings = TgateSettings(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
+    settings = TgateSettings(
+        gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm,
+        auto_gate=auto_gate_option(auto_gate),
+    )
     kernel_mode = choose("kernels", kernels, KernelMode)
     kept = choose("kept_part", kept_part, KeptPart)
     compile_settings = CompileSettings.from_option(compile)
@@ -71,6 +79,11 @@ def enable(
         raise ValueError(
             "`compile` does not combine with `deepcache`: DeepCache's wrappers decide per step inside the compiled "
             "region. Use one of them."
+        )
+    if settings.auto and (coordinator is not None or compile_settings is not None):
+        raise ValueError(
+            "`gate_step='auto'` does not combine with `deepcache` or `compile`: it watches every cross-attention "
+            "output until the gate, which DeepCache skips and a compiled graph does not show. Use a fixed gate_step."
         )
     configure(
         pipe,
@@ -85,6 +98,21 @@ def enable(
         ),
     )
     return pipe
+
+
+def auto_gate_option(option) -> AutoGate:
+    """``auto_gate=`` validated: ``None`` (the defaults) or a dict of ``AutoGate``'s fields."""
+    if option is None:
+        return AutoGate()
+    if isinstance(option, AutoGate):
+        return option
+    if not isinstance(option, dict):
+        raise TypeError(f"`auto_gate` must be a dict like {{'threshold': 0.05, 'min_fraction': 0.2}}, got {option!r}.")
+    allowed = {f.name for f in dataclasses.fields(AutoGate)}
+    unknown = sorted(set(option) - allowed)
+    if unknown:
+        raise ValueError(f"`auto_gate` got unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}.")
+    return AutoGate(**option)
 
 
 def deepcache_option(pipe, option, current: DeepCacheCoordinator | None) -> DeepCacheCoordinator | None:

@@ -55,7 +55,9 @@ def _resolution(text: str) -> int:
     return value
 
 
-def _gate_step(text: str) -> int | float:
+def _gate_step(text: str) -> int | float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         value = float(text)
     except ValueError:
@@ -214,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", type=_device, default="auto", help="auto: the process's device under accelerate, else cuda when present")
         sub.add_argument("--dtype", choices=_DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
         if name == "generate":
-            sub.add_argument("--gate-step", type=_gate_step, default=10, help="an int step, or a float fraction of the steps (0.4)")
+            sub.add_argument("--gate-step", type=_gate_step, default=10,
+                             help="an int step, a float fraction of the steps (0.4), or auto (chosen per batch; the metadata "
+                                  "records the step chosen)")
             sub.add_argument("--no-tgate", dest="tgate", action="store_false", help="the plain pipeline: the baseline set")
             sub.add_argument("--compile", action="store_true", help="tgate_kernels.enable(pipe, compile=True)")
             sub.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call")
@@ -347,8 +351,9 @@ def _enable_kwargs(args: argparse.Namespace, gate_step) -> dict:
 
 def _check_gate_steps(args: argparse.Namespace, parser: argparse.ArgumentParser, gate_steps: list) -> None:
     option = "--gate-step" if args.command == "generate" else "--gate-steps"
-    largest = max(gate_steps)
-    if isinstance(largest, int) and largest > args.steps:
+    steps = [gate for gate in gate_steps if isinstance(gate, int)]
+    largest = max(steps, default=0)
+    if largest > args.steps:
         parser.error(f"argument {option}: {largest} is larger than --steps {args.steps}; a gate step must be between 0 and the steps")
 
 
@@ -418,8 +423,9 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     with tqdm(total=len(tasks), desc="generate", unit="image", file=sys.stderr, disable=not state.is_main_process,
               dynamic_ncols=True) as bar:
         bar.update(len(folder.done() & {(t.index, t.image, t.seed) for t in tasks}))
+        chosen_gate = (lambda: {"gate_step_chosen": api.view(pipe).last_generation.gate_step}) if args.tgate and args.gate_step == "auto" else None
         summary = run_job(pipe, tasks, folder, batch_size=args.batch_size, call_arguments=_call_kwargs(args),
-                          row_fields=row_fields, progress=bar.update)
+                          row_fields=row_fields, progress=bar.update, batch_fields=chosen_gate)
     if args.tgate:
         api.disable(pipe)
     if state.is_main_process:

@@ -22,23 +22,18 @@ from .deepcache import DeepCacheCoordinator
 from .guidance import KeptPart
 from .guided_arguments import GuidedArguments
 from .hooks.attention_cache import AttentionCacheHook
-from .hooks.base import TgateHook
+from .hooks.base import COPY_REFUSAL, TgateHook
 from .hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from .hooks.denoiser import DenoiserHook
 from .hooks.generation import GenerationTracker, Opening
 from .hooks.registry import attach, attached, detach, ensure_in_chain, foreign_caches
 from .options import KernelMode
 from .pag import PagAfterGate
-from .schedule import TgateSettings
+from .schedule import AUTO, TgateSettings
 from .snapshot import InstanceAttributes
 from .state import GenerationState
 
 _CONTROLLER_ATTR = "_tgate_controller"
-
-COPY_REFUSAL = (
-    "a pipeline with T-GATE enabled cannot be deep-copied (the copy's hooks would drive the original's "
-    "generation): call tgate_kernels.disable(pipe) first, copy, then enable each pipeline."
-)
 
 
 @dataclass(frozen=True)
@@ -288,6 +283,11 @@ def _tgate_call(
     controller = controller_of(self)
     if controller is None:
         raise RuntimeError("`pipe.tgate` was called on a pipeline that T-GATE is no longer attached to.")
+    if gate_step == AUTO or (gate_step is None and controller.configuration.settings.auto):
+        raise ValueError(
+            "`gate_step='auto'` is not available through `pipe.tgate` (the `tgate` package's API, whose gate is a "
+            "step): call the pipeline itself after tgate_kernels.enable(pipe, gate_step='auto')."
+        )
     settings = controller.configuration.settings.updated(
         gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm
     )

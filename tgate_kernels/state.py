@@ -17,7 +17,8 @@ import torch
 
 from .guidance import DenoiserCall, GuidanceLayout, GuidanceTracker
 from .plan_data import PlanData
-from .schedule import StepPlan, TgateSettings, plan_step
+from .autogate import GateChooser
+from .schedule import StepPlan, TgateSettings, candidate_plan, plan_step
 
 if TYPE_CHECKING:
     from .recording import StepRecorder
@@ -33,8 +34,12 @@ class GenerationSummary:
 
     num_steps: int
     gate_step: int
+    """The gate the generation ran with (for ``gate_step="auto"``, the one it chose)."""
     layout: GuidanceLayout | None
     """How the pipeline guided (``None``: no denoiser call was seen)."""
+    cross_attention_changes: tuple[float, ...] = ()
+    """With ``gate_step="auto"``: the relative change of the cross-attention outputs at each step
+    from the second to the one before the gate."""
 
     @property
     def guidance(self) -> str:
@@ -54,6 +59,8 @@ class GenerationState:
         self.recorder: StepRecorder | None = None
         self.plan_data = PlanData()
         """The plan as flags, for denoisers T-GATE compiles."""
+        self.chooser: GateChooser | None = None
+        """Chooses the gate while the generation runs (``gate_step="auto"``)."""
         self.last: GenerationSummary | None = None
         self._owner: int | None = None
         self._cut_announced = False
@@ -108,6 +115,7 @@ class GenerationState:
         ``do_classifier_free_guidance`` says, ``None`` when it has none)."""
         self.check_free()
         gate = settings.resolve_gate_step(num_steps, beyond_allowed=True)
+        self.chooser = GateChooser(settings.auto_gate, num_steps) if settings.auto else None
         if gate > num_steps:
             # img2img's `strength` runs fewer steps than asked for: a gate set for the full
             # schedule is never reached, as with the reference
@@ -126,7 +134,7 @@ class GenerationState:
         self.plan_data.begin()
         self._cut_announced = False
         self._owner = threading.get_ident()
-        self.plan = plan_step(0, settings, gate)
+        self.plan = self._plan(0)
         if self.recorder is not None:
             self.recorder.generation_started(self)
         try:
@@ -142,11 +150,19 @@ class GenerationState:
         """Close ``steps`` solver steps (the pipeline's progress bar moved)."""
         if self.plan is None:
             return
+        if self.chooser is not None:
+            self.gate_step = self.chooser.step_done(self.step) or self.gate_step
         self.step += steps
-        self.plan = plan_step(self.step, self.settings, self.gate_step)
+        self.plan = self._plan(self.step)
         self.guidance.step_started(self.step)
         for listener in self._listeners:
             listener.step_started(self)
+
+    def _plan(self, step: int) -> StepPlan:
+        chooser = self.chooser
+        if chooser is not None and chooser.chosen is None and chooser.candidate(step):
+            return candidate_plan(step)
+        return plan_step(step, self.settings, self.gate_step)
 
     def announce_cut(self) -> None:
         """The first denoiser call of this generation that runs on fewer parts than it carries."""
@@ -159,7 +175,8 @@ class GenerationState:
         was_active = self.plan is not None
         try:
             if was_active:
-                self.last = GenerationSummary(self.num_steps, self.gate_step, self.guidance.layout)
+                changes = tuple(self.chooser.history) if self.chooser is not None else ()
+                self.last = GenerationSummary(self.num_steps, self.gate_step, self.guidance.layout, changes)
                 for listener in self._listeners:
                     listener.generation_ended(self)
         finally:

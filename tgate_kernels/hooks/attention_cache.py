@@ -141,6 +141,8 @@ class AttentionCacheHook(TgateHook):
         output = self.original(*args, **kwargs)
         if state.recorder is not None:
             state.recorder.attention(state.step, self.denoiser, self.cross, reused=False)
+        if self.cross and plan.cfg_batch and state.chooser is not None and state.chooser.chosen is None:
+            state.chooser.observe((id(self), call.runs), call.runs, output)
         if action is AttentionAction.CACHE:
             if plan.average_cfg_halves:
                 self.cache.store_at_gate(output, call.runs, plan.step)

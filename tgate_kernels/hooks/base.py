@@ -10,6 +10,12 @@ from diffusers.hooks import ModelHook
 from ..state import GenerationState
 
 
+COPY_REFUSAL = (
+    "a pipeline (or module) with T-GATE hooks cannot be deep-copied (the copy's hooks would drive the original's "
+    "generation): call tgate_kernels.disable(pipe) first, copy, then enable each pipeline."
+)
+
+
 @dataclass(frozen=True)
 class InstallRecord:
     """What attaching a hook changed on its module, so that taking it out restores exactly that.
@@ -56,7 +62,4 @@ class TgateHook(ModelHook):
         return module
 
     def __deepcopy__(self, memo):
-        raise TypeError(
-            "a module with T-GATE hooks cannot be deep-copied (the copy's hooks would drive the original's "
-            "generation): call tgate_kernels.disable(pipe) first, copy, then enable each pipeline."
-        )
+        raise TypeError(COPY_REFUSAL)

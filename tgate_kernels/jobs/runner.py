@@ -66,10 +66,12 @@ def run_job(
     call_arguments: dict,
     row_fields: dict,
     progress=None,
+    batch_fields=None,
 ) -> JobSummary:
     """Generate every image of ``tasks`` not yet in ``folder``. ``call_arguments`` go to every
-    pipeline call, ``row_fields`` into every metadata row; ``progress(n)`` is told, on the main
-    process, how many images the whole job wrote since the last call."""
+    pipeline call, ``row_fields`` into every metadata row, and ``batch_fields()``, asked after each
+    call, into the rows of its images (the gate ``gate_step="auto"`` chose); ``progress(n)`` is
+    told, on the main process, how many images the whole job wrote since the last call."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -90,10 +92,11 @@ def run_job(
             batch = mine[round_index]
             seconds, images = _generate(pipe, batch, call_arguments)
             pipeline_seconds += seconds
+            extra = batch_fields() if batch_fields is not None else {}
             for task, image in zip(batch, images):
                 if _key(task) in done:
                     continue
-                row = dict(row_fields, file=task.file, index=task.index, image=task.image, seed=task.seed,
+                row = dict(row_fields, **extra, file=task.file, index=task.index, image=task.image, seed=task.seed,
                            prompt=task.prompt, negative_prompt=task.negative_prompt, arguments=task.arguments,
                            seconds=seconds / len(batch), process=state.process_index)
                 folder.save(image, task.file, row)

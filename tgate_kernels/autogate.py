@@ -1,0 +1,67 @@
+"""Choosing the gate of one generation from its cross-attention outputs (``gate_step="auto"``).
+
+T-GATE's premise is that cross-attention converges early. ``"auto"`` watches it converge: at
+every step before the gate, each cross-attention output is compared with its own output at the
+previous step, ``||A_t - A_{t-1}|| / ||A_{t-1}||`` per sample, and these relative changes are
+accumulated on the device, so no layer waits for the host. Once per step, when the progress bar
+moves, one number crosses to the host: the mean over the layers of the slowest sample of the
+batch (the last sample to converge decides for the batch). The gate falls after the first step of
+the window ``[min_fraction, max_fraction]`` of the steps at which that number has stayed below
+``threshold`` for ``patience`` steps, and at ``max_fraction`` at the latest.
+
+Every step of the window runs as a gate step would (both attentions computed and cached as the
+mean over the text pair), so that the steps after the chosen gate see exactly what a fixed gate
+there would have given them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import AutoGate
+
+
+class GateChooser:
+    def __init__(self, options: AutoGate, num_steps: int) -> None:
+        self.options = options
+        self.earliest, self.latest = options.window(num_steps)
+        self.chosen: int | None = None
+        self.history: list[float] = []
+        """The relative change of each step's cross-attention outputs (the slowest sample's)."""
+        self._previous: dict = {}
+        self._sums: dict = {}
+        self._counts: dict = {}
+        self._below = 0
+
+    def observe(self, key, parts: tuple[str, ...], output: torch.Tensor) -> None:
+        """One cross-attention output of this step (``key``: the module and the call's parts)."""
+        previous = self._previous.get(key)
+        self._previous[key] = output.detach()
+        if previous is None or previous.shape != output.shape:
+            return
+        rows = output.shape[0]
+        change = (output - previous).reshape(rows, -1).float().norm(dim=1)
+        scale = previous.reshape(rows, -1).float().norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+        ratio = change / scale
+        total = self._sums.get(parts)
+        self._sums[parts] = ratio if total is None else total + ratio
+        self._counts[parts] = self._counts.get(parts, 0) + 1
+
+    def step_done(self, step: int) -> int | None:
+        """Close ``step``; the gate, if it is chosen now (it applies from the next step)."""
+        if self.chosen is not None:
+            return self.chosen
+        if self._sums:
+            change = max(float((total / self._counts[parts]).max()) for parts, total in self._sums.items())
+            self.history.append(change)
+            self._below = self._below + 1 if change < self.options.threshold else 0
+        self._sums, self._counts = {}, {}
+        gate = step + 1
+        if gate >= self.latest or (gate >= self.earliest and self._below >= self.options.patience):
+            self.chosen = min(gate, self.latest)
+            self._previous = {}
+        return self.chosen
+
+    def candidate(self, step: int) -> bool:
+        """Whether ``step`` runs as a possible last step before the gate."""
+        return self.chosen is None and step >= self.earliest - 1
