@@ -91,7 +91,9 @@ def test_a_compile_failure_falls_back_to_eager_with_one_warning():
     [
         ("yes", TypeError, ["compile", "'yes'", "True, False or a dict"]),
         ({"mode": "fast", "bogus": 1}, ValueError, ["compile", "bogus", "allowed"]),
-        ({"freezing": "always"}, TypeError, ["compile['freezing']", "'always'"]),
+        ({"freezing": "always"}, TypeError, ["compile['freezing']", "'always'", "None, True or False"]),
+        ({"backend": "no-such-backend"}, ValueError, ["compile['backend']", "'no-such-backend'", "inductor"]),
+        ({"mode": "fast"}, ValueError, ["compile['mode']", "'fast'", "max-autotune"]),
     ],
 )
 def test_bad_compile_options_are_refused_before_anything_is_modified(option, error, words):
@@ -110,3 +112,33 @@ def test_compile_with_deepcache_or_offloading_is_refused():
     tgate_kernels.enable(pipe, compile=EAGER_BACKEND)
     with pytest.raises(RuntimeError, match="does not combine with accelerate's offloading"):
         generate(pipe)
+
+
+def test_a_switch_to_compile_that_fails_keeps_the_previous_hooks(monkeypatch):
+    from tgate_kernels.controller import TgateController
+
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=2)
+    expected = generate(pipe)
+    original, installs = TgateController.install, []
+
+    def interrupted_once(self):
+        installs.append(self.configuration.compile)
+        if len(installs) == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(TgateController, "install", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        tgate_kernels.enable(pipe, gate_step=2, compile=EAGER_BACKEND)
+    monkeypatch.undo()
+    assert installs[0] is not None and installs[1] is None, "the compiled install failed, the eager one came back"
+    view = tgate_kernels.view(pipe)
+    assert view is not None and view.fast_blocks and pipe.tgate is not None
+    assert max_abs_diff(generate(pipe), expected) == 0.0
+
+
+def test_the_loaders_refuse_what_enable_refuses():
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=2, compile=EAGER_BACKEND)
+    with pytest.raises(ValueError, match="`compile` does not combine with `deepcache`"):
+        tgate_kernels.TgateSDDeepCacheLoader(pipe)
+    assert tgate_kernels.view(pipe).settings.gate_step == 2 and tgate_kernels.view(pipe).compile is not None

@@ -244,3 +244,27 @@ def test_auto_gates_are_recorded_per_image(saved_tiny_sd, tmp_path):
     rows = _rows(out)
     assert len(rows) == 5 and all(2 <= row["gate_step_chosen"] <= 4 for row in rows)
     assert all(row["settings"]["tgate"]["gate_step"] == "auto" for row in rows)
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--gate-step", "4", "--auto-gate", "threshold=0.1"], ["--auto-gate", "--gate-step 4"]),
+        (["--no-tgate", "--auto-gate", "threshold=0.1"], ["--auto-gate", "--no-tgate"]),
+        (["--gate-step", "auto", "--deepcache", "3,0"], ["--gate-step", "auto does not combine with --deepcache"]),
+        (["--gate-step", "auto", "--compile"], ["--gate-step", "auto does not combine with --compile"]),
+        (["--compile", "--deepcache", "3,0"], ["--compile", "does not combine with --deepcache"]),
+        (["--gate-step", "auto", "--auto-gate", "patience=1.5"], ["--auto-gate", "'1.5' is not an integer"]),
+        (["--gate-step", "soon"], ["--gate-step", "'soon'", "or auto"]),
+    ],
+)
+def test_option_conflicts_are_refused_before_the_model_is_loaded(tmp_path, capsys, options, words):
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(tmp_path / "no-such-model"), "--prompt", "a", "--out", str(out), "--steps", "12", *options]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert all(word in err for word in words), err
+    assert "no-such-model" not in err, "refused before loading"
+    assert not out.exists()

@@ -207,9 +207,23 @@ def efficient_attention(query, key, value, bias, dropout_p, is_causal, scale):
 # --------------------------------------------------------------------------------------------
 
 
+def compile_backends(debugging: bool = True) -> list[str]:
+    """The backend names ``torch.compile`` accepts (without ``debugging``: the ones meant for use)."""
+    from torch._dynamo import list_backends
+
+    return sorted(set(list_backends(exclude_tags=() if debugging else ("debug", "experimental"))) | {"inductor"})
+
+
+def compile_modes() -> list[str]:
+    """The ``mode`` names ``torch.compile`` accepts."""
+    from torch._inductor import list_mode_options
+
+    return list(list_mode_options())
+
+
 def compiler_errors() -> tuple[type[BaseException], ...]:
-    """What ``torch.compile`` raises when it cannot compile (dynamo's and inductor's exception
-    bases; a missing C++ compiler arrives wrapped in ``BackendCompilerFailed``)."""
+    """What ``torch.compile`` raises when it cannot compile: dynamo's exception base (inductor's
+    failures, a missing C++ compiler included, arrive wrapped in ``BackendCompilerFailed``)."""
     from torch._dynamo import exc
 
     return (exc.TorchDynamoException,)

@@ -68,6 +68,8 @@ def enable(
         gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm,
         auto_gate=auto_gate_option(auto_gate),
     )
+    if auto_gate is not None and not settings.auto:
+        raise ValueError(f"`auto_gate` tells how gate_step='auto' chooses; it was given with gate_step={gate_step!r}.")
     kernel_mode = choose("kernels", kernels, KernelMode)
     kept = choose("kept_part", kept_part, KeptPart)
     compile_settings = CompileSettings.from_option(compile)
@@ -75,16 +77,6 @@ def enable(
     controller = controller_of(pipe)
     current = controller.configuration if controller is not None else Configuration(settings)
     coordinator = deepcache_option(pipe, deepcache, current.deepcache)
-    if coordinator is not None and compile_settings is not None:
-        raise ValueError(
-            "`compile` does not combine with `deepcache`: DeepCache's wrappers decide per step inside the compiled "
-            "region. Use one of them."
-        )
-    if settings.auto and (coordinator is not None or compile_settings is not None):
-        raise ValueError(
-            "`gate_step='auto'` does not combine with `deepcache` or `compile`: it watches every cross-attention "
-            "output until the gate, which DeepCache skips and a compiled graph does not show. Use a fixed gate_step."
-        )
     configure(
         pipe,
         replace(

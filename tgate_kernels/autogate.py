@@ -22,6 +22,8 @@ from .schedule import AutoGate
 
 
 class GateChooser:
+    """The gate of one generation, chosen from its cross-attention outputs (see the module)."""
+
     def __init__(self, options: AutoGate, num_steps: int) -> None:
         self.options = options
         self.earliest, self.latest = options.window(num_steps)
@@ -62,6 +64,6 @@ class GateChooser:
             self._previous = {}
         return self.chosen
 
-    def candidate(self, step: int) -> bool:
+    def in_window(self, step: int) -> bool:
         """Whether ``step`` runs as a possible last step before the gate."""
         return self.chosen is None and step >= self.earliest - 1

@@ -5,6 +5,8 @@
     accelerate launch -m tgate_kernels generate ...                                # data-parallel
     tgate-kernels eval plain/ gated/             # PSNR, SSIM, FID, CLIP score between two runs
     tgate-kernels compare  --model ID_OR_DIR --prompt "..." --gate-steps 5,10,15 --out grid.png
+    tgate-kernels quality                        # adherence, PSNR, SSIM, FID, MACs on the micro world
+    tgate-kernels train-micro --out DIR          # retrain the micro world's pipelines and classifier
 
 ``bench`` builds its denoisers from the configs shipped in the package (random weights, nothing
 downloaded); ``generate`` and ``compare`` load pipelines as diffusers does (a local folder, or a
@@ -61,11 +63,11 @@ def _gate_step(text: str) -> int | float | str:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an int step >= 0 or a fraction in (0, 1)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an int step >= 0, a fraction in (0, 1) or auto") from None
     if value.is_integer() and "." not in text:
         return _non_negative_int(text)
     if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not allowed; expected an int step >= 0 or a fraction in (0, 1)")
+        raise argparse.ArgumentTypeError(f"{text} is not allowed; expected an int step >= 0, a fraction in (0, 1) or auto")
     return value
 
 
@@ -94,6 +96,26 @@ def _deepcache(text: str) -> dict:
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"{text!r} is not INTERVAL,BRANCH; expected e.g. 3,0")
     return {"cache_interval": _positive_int(parts[0]), "cache_branch_id": _non_negative_int(parts[1])}
+
+
+def _auto_gate(text: str) -> dict:
+    from .api import auto_gate_option
+
+    option = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE; expected e.g. threshold=0.05,min_fraction=0.2,max_fraction=0.6,patience=2")
+        integer = key.strip() == "patience"
+        try:
+            option[key.strip()] = int(value) if integer else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not {'an integer' if integer else 'a number'}") from None
+    try:
+        auto_gate_option(option)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return option
 
 
 def _device(text: str) -> str:
@@ -213,12 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--fi-interval", type=_positive_int, default=1)
         sub.add_argument("--warm-up", type=_non_negative_int, default=2)
         sub.add_argument("--deepcache", type=_deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")
-        sub.add_argument("--device", type=_device, default="auto", help="auto: the process's device under accelerate, else cuda when present")
+        sub.add_argument("--device", type=_device, default=None,
+                         help="auto, cpu, cuda or cuda:N (default: the process's device under accelerate, else cuda when present)")
         sub.add_argument("--dtype", choices=_DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
         if name == "generate":
             sub.add_argument("--gate-step", type=_gate_step, default=10,
                              help="an int step, a float fraction of the steps (0.4), or auto (chosen per batch; the metadata "
                                   "records the step chosen)")
+            sub.add_argument("--auto-gate", type=_auto_gate, default=None, metavar="KEY=VALUE,...",
+                             help="how --gate-step auto chooses, e.g. threshold=0.05,min_fraction=0.2,max_fraction=0.6,patience=2")
             sub.add_argument("--no-tgate", dest="tgate", action="store_false", help="the plain pipeline: the baseline set")
             sub.add_argument("--compile", action="store_true", help="tgate_kernels.enable(pipe, compile=True)")
             sub.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call")
@@ -244,6 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", type=_device, default="auto")
     evaluate.add_argument("--out", default=None, help="folder for eval.json, eval.csv and eval.png (default: DIR_B/eval)")
     evaluate.set_defaults(handler=_run_eval)
+
+    quality = commands.add_parser(
+        "quality",
+        help="image quality of T-GATE on the micro world's trained pipelines: adherence, PSNR, SSIM, FID, MACs",
+        description="Generate the micro world's evaluation prompts with the shipped micro pipelines without T-GATE and "
+                    "with fixed gates, fixed gates with DeepCache and gate_step=auto, and report prompt adherence (read "
+                    "back by the micro classifier), PSNR and SSIM against the ungated images, FID on the classifier's "
+                    "features and the MACs ratio, with a Pareto plot. Nothing is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    quality.add_argument("--models", type=_name_list, default=["sd", "pixart"], help="comma-separated micro pipelines: sd, pixart")
+    quality.add_argument("--gates", type=_int_list, default=None, help="comma-separated fixed gate steps of the 20 (default 2,4,...,16)")
+    quality.add_argument("--images-per-prompt", type=_positive_int, default=4, help="seeds per evaluation prompt (48 prompts)")
+    quality.add_argument("--batch-size", type=_positive_int, default=8, help="images per pipeline call (auto decides once per call)")
+    quality.add_argument("--seed", type=_non_negative_int, default=0)
+    quality.add_argument("--auto-gate", type=_auto_gate, default=None, metavar="KEY=VALUE,...", help="auto_gate options")
+    quality.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="skip the DeepCache series")
+    quality.add_argument("--no-plot", dest="plot", action="store_false")
+    quality.add_argument("--out", default=os.path.join("bench", "out", "quality"), help="folder for quality.json, quality.md, quality.png")
+    quality.set_defaults(handler=_run_quality)
+
+    # listed for --help only: main() hands train-micro's arguments to its own parser
+    commands.add_parser("train-micro", help="train the micro world's pipelines and classifier (what tgate_kernels/micro/weights holds)")
     return parser
 
 
@@ -346,6 +394,8 @@ def _enable_kwargs(args: argparse.Namespace, gate_step) -> dict:
         kwargs["deepcache"] = args.deepcache
     if getattr(args, "compile", False):
         kwargs["compile"] = True
+    if gate_step == "auto" and getattr(args, "auto_gate", None):
+        kwargs["auto_gate"] = args.auto_gate
     return kwargs
 
 
@@ -363,7 +413,22 @@ def _enable_or_exit(pipe, args: argparse.Namespace, parser: argparse.ArgumentPar
     try:
         api.enable(pipe, **_enable_kwargs(args, gate_step))
     except (ValueError, TypeError) as error:
-        parser.exit(2, f"{parser.prog}: error: argument --model: {error}\n")
+        parser.exit(2, f"{parser.prog}: error: T-GATE cannot run on --model {args.model}: {error}\n")
+
+
+def _check_tgate_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Option combinations ``enable`` refuses, refused before the model is loaded."""
+    auto = args.gate_step == "auto"
+    if args.auto_gate is not None and not (auto and args.tgate):
+        parser.error(f"argument --auto-gate: tells how --gate-step auto chooses; it was given with "
+                     f"{'--no-tgate' if not args.tgate else f'--gate-step {args.gate_step}'}")
+    if not args.tgate:
+        return
+    if args.compile and args.deepcache is not None:
+        parser.error("argument --compile: does not combine with --deepcache; use one of them")
+    if auto and (args.compile or args.deepcache is not None):
+        parser.error(f"argument --gate-step: auto does not combine with {'--compile' if args.compile else '--deepcache'}; "
+                     f"give a fixed step")
 
 
 def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -375,10 +440,14 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from .jobs.runner import run_job
 
     _check_gate_steps(args, parser, [args.gate_step])
+    _check_tgate_options(args, parser)
     import torch
 
     # processes on a machine without CUDA (or told to use the CPU) meet over gloo
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if state.num_processes > 1 and args.device in (None, "cuda"):
+        args.device = str(state.device)  # each process on its own GPU
+    args.device = args.device or _device("auto")
     single_file = args.out.lower().endswith(".png")
     try:
         rows = read_prompts(args.prompts) if args.prompts else [PromptRow(0, args.prompt)]
@@ -387,7 +456,7 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     tasks = plan_images(rows, args.images_per_prompt, args.seed, args.negative_prompt)
     if single_file and len(tasks) != 1:
         parser.error(f"argument --out: {args.out!r} is one image, but the job makes {len(tasks)}; give a folder")
-    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
+    device = args.device
     settings = dict(
         model=args.model, variant=args.variant, dtype=str(_resolve_dtype(args.dtype, device)).replace("torch.", ""),
         **_call_kwargs(args), seed=args.seed, images_per_prompt=args.images_per_prompt,
@@ -407,9 +476,9 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.tgate:
         _enable_or_exit(pipe, args, parser, args.gate_step)
     if single_file:
-        from .jobs.runner import _generate
+        from .jobs.runner import generate_batch
 
-        seconds, images = _generate(pipe, tasks, _call_kwargs(args))
+        seconds, images = generate_batch(pipe, tasks, _call_kwargs(args))
         _save(images[0], args.out)
         label = f"T-GATE (gate_step={args.gate_step}, {args.steps} steps)" if args.tgate else f"plain ({args.steps} steps)"
         print(f"{label}: {seconds:.2f} s -> {args.out} ({images[0].width}x{images[0].height})")
@@ -456,12 +525,41 @@ def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _run_quality(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .micro.adherence import MICRO_CALL
+    from .micro.quality import DEFAULT_GATES, QualitySettings, measure_auto_overhead, measure_quality
+    from .micro.quality_report import render, write_all
+
+    unknown = [name for name in args.models if name not in MICRO_CALL]
+    if unknown:
+        parser.error(f"argument --models: {', '.join(unknown)} not known; expected a comma-separated subset of {', '.join(MICRO_CALL)}")
+    steps = min(MICRO_CALL[name]["num_inference_steps"] for name in args.models)
+    gates = tuple(args.gates) if args.gates is not None else DEFAULT_GATES
+    if not all(0 < gate < steps for gate in gates):
+        parser.error(f"argument --gates: {','.join(map(str, gates))} must each be between 1 and {steps - 1} (the micro pipelines run {steps} steps)")
+    settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+                               seed=args.seed, deepcache=args.deepcache, auto_gate=args.auto_gate)
+    rows, overheads = [], []
+    for name in args.models:
+        rows += measure_quality(name, settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
+        overheads.append(measure_auto_overhead(name, settings))
+    print(render(rows, overheads, settings))
+    print("written: " + ", ".join(write_all(rows, overheads, settings, args.out, plot=args.plot).values()))
+    return 0
+
+
+def _run_train_micro(arguments: list[str]) -> int:
+    from .micro.train import main as train_main
+
+    return train_main(arguments)
+
+
 def _run_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import api
     from .benchmarking.fidelity import fidelity, labelled_grid
 
     _check_gate_steps(args, parser, args.gate_steps)
-    pipe = _load(args, parser, args.device)
+    pipe = _load(args, parser, args.device or _device("auto"))
     _enable_or_exit(pipe, args, parser, args.gate_steps[0])
     api.disable(pipe)
     baseline, baseline_s = _timed_image(pipe, _prompt_kwargs(args))
@@ -510,6 +608,9 @@ def _save(image, path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["train-micro"]:  # its own parser owns every option, --help included
+        return _run_train_micro(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -2,17 +2,16 @@
 
 Compiling a denoiser whole would bake each step's plan into the graph (compute this attention,
 reuse that one), so a schedule would compile one graph per distinct plan, each holding its own
-copy of the weights once inductor freezes them. Instead T-GATE keeps every plan-dependent decision
-out of the compiled region: the denoiser's forward is compiled below T-GATE's denoiser hook (which
-cuts the guided batch), and the attention hooks, with the attention modules they call, run
-outside the graph (``torch.compiler.disable``): the graph breaks there, and the segments between
-the attentions are compiled. Every segment is the same whatever the step plan: one set of graphs
-per denoiser input shape, the guided batch before the gate and the cut one after it.
+copy of the weights once inductor freezes them. Instead the plan reaches the graph as data
+(:mod:`tgate_kernels.plan_data`): the denoiser's forward is compiled below T-GATE's denoiser hook,
+which cuts the guided batch, and one graph serves every step of a phase, so there is one graph per
+denoiser input shape (the guided batch before the gate, the cut one after it).
 
 Inductor with ``freezing`` (weights folded into the graph, prepacked for oneDNN on a CPU) is the
 default on every device; plain inductor is no faster than eager on a CPU. ``mode`` (e.g.
-``"max-autotune"`` on CUDA) adds inductor's settings of that mode. Any ``torch.compile`` failure (no C++ compiler, an
-unsupported backend) falls back to eager with one warning naming the cause.
+``"max-autotune"`` on CUDA) adds inductor's settings of that mode. A backend or mode that does
+not exist is refused by ``enable``; any failure while compiling (no C++ compiler, a backend that
+breaks) falls back to eager with one warning naming the cause.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ _KEYS = ("backend", "mode", "freezing", "dynamic", "options")
 
 @dataclass(frozen=True)
 class CompileSettings:
-    """What ``compile=`` asked for; ``None`` fields are chosen for the device at the first call."""
+    """What ``compile=`` asked for; ``freezing=None`` is inductor's freezing on."""
 
     backend: str = "inductor"
     mode: str | None = None
@@ -53,21 +52,28 @@ class CompileSettings:
         unknown = sorted(set(option) - set(_KEYS))
         if unknown:
             raise ValueError(f"`compile` got unknown keys {unknown}; allowed: {', '.join(map(repr, _KEYS))}.")
-        checks = {
-            "backend": lambda v: isinstance(v, str) or callable(v),
-            "mode": lambda v: v is None or isinstance(v, str),
-            "freezing": lambda v: v is None or isinstance(v, bool),
-            "dynamic": lambda v: v is None or isinstance(v, bool),
-            "options": lambda v: isinstance(v, dict),
+        expected = {
+            "backend": ("a backend name or a callable", lambda v: isinstance(v, str) or callable(v)),
+            "mode": ("None or a mode name", lambda v: v is None or isinstance(v, str)),
+            "freezing": ("None, True or False", lambda v: v is None or isinstance(v, bool)),
+            "dynamic": ("None, True or False", lambda v: v is None or isinstance(v, bool)),
+            "options": ("a dict of inductor settings", lambda v: isinstance(v, dict)),
         }
         for key, value in option.items():
-            if not checks[key](value):
-                raise TypeError(f"`compile['{key}']` has an invalid value {value!r}.")
+            allowed, check = expected[key]
+            if not check(value):
+                raise TypeError(f"`compile['{key}']` must be {allowed}, got {value!r} of type {type(value).__name__}.")
+        backend, mode = option.get("backend"), option.get("mode")
+        if isinstance(backend, str) and backend not in _compat.compile_backends():
+            raise ValueError(f"`compile['backend']` {backend!r} is not a torch.compile backend; "
+                             f"allowed: {', '.join(_compat.compile_backends(debugging=False))} or a callable.")
+        if mode is not None and mode not in _compat.compile_modes():
+            raise ValueError(f"`compile['mode']` {mode!r} is not a torch.compile mode; allowed: {', '.join(_compat.compile_modes())}.")
         return cls(**option)
 
-    def for_device(self, device_type: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Keyword arguments of ``torch.compile`` for a denoiser on ``device_type``, and the
-        inductor settings to hold while it runs. Freezing has to be set while dynamo traces,
+    def compile_arguments(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Keyword arguments of ``torch.compile`` for a denoiser, and the inductor settings to
+        hold while it runs. Freezing has to be set while dynamo traces,
         not only while inductor compiles (``torch.compile(options=...)`` sets it too late: dynamo
         then passes the weights as inputs, which cannot be frozen), so inductor's settings are
         held around every call instead of passed as ``options``."""
@@ -94,11 +100,10 @@ class CompiledForward:
 
     def __call__(self, *args, **kwargs):
         if self.failure is None:
-            if self._compiled is None:
-                device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-                compile_kwargs, self._inductor_settings = self.settings.for_device(device)
-                self._compiled = torch.compile(self.eager, **compile_kwargs)
             try:
+                if self._compiled is None:
+                    compile_kwargs, self._inductor_settings = self.settings.compile_arguments()
+                    self._compiled = torch.compile(self.eager, **compile_kwargs)
                 with _compat.inductor_settings(self._inductor_settings):
                     return self._compiled(*args, **kwargs)
             except _compat.compiler_errors() as error:

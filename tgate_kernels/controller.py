@@ -49,8 +49,24 @@ class Configuration:
     default_steps: int | None = None
     """``num_inference_steps`` a loader was given: the default of ``pipe.tgate``."""
 
+    def __post_init__(self) -> None:
+        # checked here, so that enable and the loaders refuse the same combinations
+        if self.deepcache is not None and self.compile is not None:
+            raise ValueError(
+                "`compile` does not combine with `deepcache`: DeepCache's wrappers decide per step inside the compiled "
+                "region. Use one of them."
+            )
+        if self.settings.auto and (self.deepcache is not None or self.compile is not None):
+            raise ValueError(
+                "`gate_step='auto'` does not combine with `deepcache` or `compile`: it watches every cross-attention "
+                "output until the gate, which DeepCache skips and a compiled graph does not show. Use a fixed gate_step."
+            )
+
 
 class TgateController:
+    """Everything T-GATE attached to one pipeline: its hooks, its configuration and the state of
+    the generation running; installs, reconfigures and removes them as one."""
+
     def __init__(self, pipe, configuration: Configuration) -> None:
         self.parts = adapters.pipeline_parts(pipe)
         adapters.check_pipeline(pipe, runs=True)
@@ -207,19 +223,34 @@ class TgateController:
         return {name: id(module) for name, module in adapters.components(self.pipe).items()}
 
     def _reinstall(self, configuration: Configuration | None = None) -> None:
+        """Build every hook again (for ``configuration``, or the current one on swapped
+        components). If that fails, the previous hooks come back where the components are the
+        same; otherwise T-GATE is taken off the pipeline, so that it is never half attached."""
         configuration = configuration or self.configuration
+        previous = (self.parts, self._pag, self.configuration, self._components)
         latent_batch = self.state.guidance.latent_batch  # learned by this call, before its loop opened
         self.uninstall()
         try:
-            self.parts = adapters.pipeline_parts(self.pipe)
-        except ValueError:
-            self.pipe.__dict__.pop(_CONTROLLER_ATTR, None)
+            self._install_as(adapters.pipeline_parts(self.pipe), configuration)
+        except BaseException:
+            parts, pag, old_configuration, components = previous
+            try:
+                if self._component_ids() != components:
+                    raise RuntimeError("components swapped")
+                self._pag = pag
+                self._install_as(parts, old_configuration)
+            except BaseException:
+                self.uninstall()
+                self.pipe.__dict__.pop(_CONTROLLER_ATTR, None)
             raise
-        self._pag = PagAfterGate([d.module for d in self.parts.denoisers]) if self._pag is not None else None
+        self.state.guidance.latent_batch = latent_batch
+
+    def _install_as(self, parts, configuration: Configuration) -> None:
+        self.parts = parts
+        self._pag = PagAfterGate([d.module for d in parts.denoisers]) if self._pag is not None else None
         self.configuration = replace(configuration, deepcache=None)
         self.install()
         self.apply(configuration)
-        self.state.guidance.latent_batch = latent_batch
 
     @contextlib.contextmanager
     def settings_for_one_call(self, settings: TgateSettings) -> Iterator[None]:
@@ -266,6 +297,15 @@ def remove(pipe) -> None:
         pipe.__dict__.pop(_CONTROLLER_ATTR, None)
 
 
+def refuse_auto_in_tgate_api(gate_step) -> None:
+    """The loaders and ``pipe.tgate`` keep the ``tgate`` package's API, whose gate is a step."""
+    if gate_step == AUTO:
+        raise ValueError(
+            "`gate_step='auto'` is not available through the tgate loaders and `pipe.tgate` (the `tgate` package's "
+            "API, whose gate is a step): use tgate_kernels.enable(pipe, gate_step='auto') and call the pipeline itself."
+        )
+
+
 def _tgate_call(
     self,
     *args,
@@ -283,11 +323,7 @@ def _tgate_call(
     controller = controller_of(self)
     if controller is None:
         raise RuntimeError("`pipe.tgate` was called on a pipeline that T-GATE is no longer attached to.")
-    if gate_step == AUTO or (gate_step is None and controller.configuration.settings.auto):
-        raise ValueError(
-            "`gate_step='auto'` is not available through `pipe.tgate` (the `tgate` package's API, whose gate is a "
-            "step): call the pipeline itself after tgate_kernels.enable(pipe, gate_step='auto')."
-        )
+    refuse_auto_in_tgate_api(gate_step if gate_step is not None else controller.configuration.settings.gate_step)
     settings = controller.configuration.settings.updated(
         gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm
     )

@@ -275,5 +275,5 @@ class GuidanceTracker:
             f"T-GATE cannot tell how {self.pipeline} guides its denoiser: in step {self.step}, call {calls} of "
             f"`{denoiser}` ran on {rows} rows for {self.latent_batch} latents {detail}. Supported: no guidance, "
             f"classifier-free guidance in two batch halves or in separate calls per step, PAG and InstructPix2Pix "
-            f"batches of three parts. Nothing was cached; the call was stopped before the denoiser ran."
+            f"batches of three parts. The call was stopped before this denoiser call ran, and this generation's caches are dropped."
         )

@@ -12,21 +12,12 @@ from dataclasses import replace
 
 from . import adapters
 from .api import deepcache_option
-from .controller import Configuration, configure, controller_of
-from .schedule import AUTO, TgateSettings
-
-
-def _refuse_auto(gate_step) -> None:
-    """The loaders keep the ``tgate`` package's API, whose gate is a step."""
-    if gate_step == AUTO:
-        raise ValueError(
-            "`gate_step='auto'` is not available through the tgate loaders and `pipe.tgate` (the `tgate` package's "
-            "API, whose gate is a step): use tgate_kernels.enable(pipe, gate_step='auto')."
-        )
+from .controller import Configuration, configure, controller_of, refuse_auto_in_tgate_api
+from .schedule import TgateSettings
 
 
 def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache):
-    _refuse_auto(gate_step)
+    refuse_auto_in_tgate_api(gate_step)
     settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     if num_inference_steps is not None:
         settings.resolve_gate_step(num_inference_steps)

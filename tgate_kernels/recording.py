@@ -27,17 +27,17 @@ class RecordedCall:
 
 
 class StepRecorder:
+    """Which attentions ran or were reused at each step of the last generation, and the rows
+    each denoiser call ran on (``view(pipe).record()``)."""
+
     def __init__(self) -> None:
-        self.generations = 0
         self.num_steps = 0
-        self.gate_step = 0
         self._attention: Counter = Counter()
         self._calls: dict[int, list[RecordedCall]] = {}
 
     def generation_started(self, state) -> None:
         """A recorder keeps the last generation only."""
-        self.generations += 1
-        self.num_steps, self.gate_step = state.num_steps, state.gate_step
+        self.num_steps = state.num_steps
         self._attention.clear()
         self._calls.clear()
 
@@ -74,6 +74,3 @@ class StepRecorder:
     @property
     def steps(self) -> list[int]:
         return sorted(self._calls)
-
-    def denoisers(self, step: int) -> list[str]:
-        return [call.denoiser for call in self.calls(step)]

@@ -1,7 +1,8 @@
 """The T-GATE schedule: what each attention kind does at each denoising step.
 
 Pure Python and the single source of truth for "what happens at step c". Everything else
-(hooks, benchmarks, MACs counts) asks :func:`plan_step`.
+(hooks, benchmarks, MACs counts) asks :func:`plan_step`, or :func:`candidate_plan` for the steps
+of ``gate_step="auto"``'s window before its gate is chosen.
 
 The schedule is the one of the reference implementation (``tgate`` 1.0.0). With ``g`` the
 resolved gate step and ``c`` the 0-based solver step:
@@ -17,7 +18,9 @@ resolved gate step and ``c`` the 0-based solver step:
 
 ``REUSE`` falls back to computing (without caching) when nothing was cached yet in this
 generation, as the reference does; with ``gate_step=0`` that means cross-attention is always
-computed and only CFG is dropped.
+computed and only CFG is dropped. The one exception: after a gate that cached cross-attention, a
+denoiser that first runs after it (a second expert, a ControlNet that starts late) caches its
+own cross-attention at its first step.
 """
 
 from __future__ import annotations
@@ -138,8 +141,8 @@ class TgateSettings:
             raise TypeError(f"`lcm` must be True, False or None, got {self.lcm!r}.")
 
     def updated(self, **changes) -> "TgateSettings":
-        """A copy with the given fields replaced; ``None`` values keep the current ones
-        (except ``lcm``, where ``None`` means "detect" and is only kept when not given)."""
+        """A copy with the given fields replaced; ``None`` values keep the current ones (as the
+        ``tgate`` package's arguments do: ``None`` is "not given")."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def resolve_gate_step(self, num_steps: int, *, beyond_allowed: bool = False) -> int:

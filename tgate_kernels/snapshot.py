@@ -21,10 +21,6 @@ class InstanceAttributes:
         self.name = name
         self._saved = [(obj, obj.__dict__.get(name, _ABSENT)) for obj in objects]
 
-    def changed(self) -> list[Any]:
-        """The objects whose attribute is no longer what was saved."""
-        return [obj for obj, value in self._saved if obj.__dict__.get(self.name, _ABSENT) is not value]
-
     def restore(self) -> None:
         for obj, value in self._saved:
             if value is _ABSENT:

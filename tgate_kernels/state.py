@@ -160,7 +160,7 @@ class GenerationState:
 
     def _plan(self, step: int) -> StepPlan:
         chooser = self.chooser
-        if chooser is not None and chooser.chosen is None and chooser.candidate(step):
+        if chooser is not None and chooser.chosen is None and chooser.in_window(step):
             return candidate_plan(step)
         return plan_step(step, self.settings, self.gate_step)
 
@@ -177,8 +177,14 @@ class GenerationState:
             if was_active:
                 changes = tuple(self.chooser.history) if self.chooser is not None else ()
                 self.last = GenerationSummary(self.num_steps, self.gate_step, self.guidance.layout, changes)
+                failure = None
                 for listener in self._listeners:
-                    listener.generation_ended(self)
+                    try:  # every listener puts back what it changed, even when one of them fails
+                        listener.generation_ended(self)
+                    except BaseException as error:
+                        failure = failure or error
+                if failure is not None:
+                    raise failure
         finally:
             self.plan = None
             self.call = None

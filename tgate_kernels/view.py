@@ -39,6 +39,8 @@ class HookedAttention:
 
 
 class TgateView:
+    """A read-only view of what T-GATE attached to a pipeline and of its last generation."""
+
     def __init__(self, controller: "TgateController") -> None:
         self._controller = controller
 
@@ -58,6 +60,11 @@ class TgateView:
     @property
     def kept_part(self):
         return self._controller.configuration.kept
+
+    @property
+    def compile(self):
+        """The ``compile=`` settings the denoisers run with (``None``: eagerly)."""
+        return self._controller.configuration.compile
 
     @property
     def deepcache(self) -> dict | None:
@@ -90,12 +97,6 @@ class TgateView:
     def last_generation(self):
         """Steps, gate step and guidance of the last generation (``None`` before the first)."""
         return self._controller.state.last
-
-    @property
-    def kernel_backends(self) -> dict:
-        from .ops import kernel_status
-
-        return kernel_status()
 
     @contextlib.contextmanager
     def record(self) -> Iterator[StepRecorder]:

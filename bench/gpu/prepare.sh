@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run HERE (the development machine), before the device call: the device image has PyTorch,
-# Triton, transformers and accelerate but neither diffusers nor the reference tgate. Their wheels
-# go to .whl/ (git-ignored through .git/info/exclude), which the device call carries.
+# Run where the package index can be reached, before bench/gpu/run.sh on an offline CUDA machine
+# that has PyTorch, Triton, transformers and accelerate but neither diffusers nor the reference
+# tgate: their wheels go to .whl/ (git-ignored through .git/info/exclude), copied over with the
+# repository.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

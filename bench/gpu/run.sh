@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks, in one run on a lent CUDA machine (about 8 minutes on an H200). From the
-# repository root, after bench/gpu/prepare.sh here:
+# The GPU checks in one run (about 8 minutes on an H200), on a CUDA machine that has PyTorch,
+# Triton, transformers and accelerate but no network: run bench/gpu/prepare.sh where the package
+# index can be reached, copy the repository with its .whl/ folder over, and from its root run
 #
-#   device run, carry [".whl"], timeout 600:
-#       bash bench/gpu/run.sh
+#       bash bench/gpu/run.sh          # OUT=... to choose where the results go
 #
-# It installs the carried wheels and the package (C++ extension built against the machine's
+# It installs the wheels from .whl/ and the package (C++ extension built against the machine's
 # torch), checks the fused op through the dispatcher on CUDA (opcheck), times the fused op against
 # the unfused sequence and a device copy of the same bytes, and times SD-1.5 512² and SDXL 1024²
 # (25 steps, gate 10, float16): baseline, reference tgate 1.0.0, T-GATE eager, fused and compiled.

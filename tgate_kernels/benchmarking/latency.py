@@ -35,7 +35,6 @@ BASELINE, TGATE_EAGER, TGATE, TGATE_COMPILED, REFERENCE = (
     "baseline", "tgate-eager", "tgate", "tgate-compiled", "reference"
 )
 TGATE_VARIANTS = (TGATE_EAGER, TGATE, TGATE_COMPILED)
-ALL_VARIANTS = (BASELINE, TGATE_EAGER, TGATE, TGATE_COMPILED, REFERENCE)
 
 
 @dataclass

@@ -45,7 +45,6 @@ class BenchOptions:
     python_calls_model: str | None = "sd15"
     python_calls_resolution: int = 64
     extra_manifests: tuple[str, ...] = ()
-    extra_enable_kwargs: dict = field(default_factory=dict)
 
     def architecture(self, name: str) -> Architecture:
         return architecture(name, self.extra_manifests)
@@ -65,21 +64,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _macs_rows(arch: Architecture, progress: Progress, extra_enable_kwargs: dict) -> tuple[list[MacsRow], list[MacsSweepRow]]:
+def _macs_rows(arch: Architecture, progress: Progress) -> tuple[list[MacsRow], list[MacsSweepRow]]:
     denoiser = arch.build_denoiser("meta")
     params = denoiser_params(denoiser)
     breakdown = forward_breakdown(arch, denoiser=denoiser)
     if arch.deepcache is not None:
         # DeepCache alone: T-GATE's gate at the very last step and self-attention computed at
         # every step change no MACs, so this is the DeepCache-only generation.
-        baseline_kwargs = tgate_enable_kwargs(arch, gate_step=arch.steps, **extra_enable_kwargs)
+        baseline_kwargs = tgate_enable_kwargs(arch, gate_step=arch.steps)
         baseline = generation_macs(arch, baseline_kwargs, denoiser=denoiser)
     else:
         # Every step of the plain pipeline is the same call on the same batch.
         baseline = planned_generation_macs(breakdown, None, arch.steps, arch.cfg)
     progress(f"{arch.name}: baseline MACs")
     # T-GATE's generation runs through the very hooks a pipeline gets.
-    gated = generation_macs(arch, tgate_enable_kwargs(arch, **extra_enable_kwargs), denoiser=denoiser)
+    gated = generation_macs(arch, tgate_enable_kwargs(arch), denoiser=denoiser)
     progress(f"{arch.name}: T-GATE MACs")
     rows = []
     for variant, count, published in ((BASELINE, baseline, arch.published_baseline), (TGATE, gated, arch.published_tgate)):
@@ -151,7 +150,7 @@ def _predicted(arch: Architecture, resolution: int, steps: int, gate_step: int, 
 
 def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress) -> list[LatencyRow]:
     rows = []
-    kwargs = tgate_enable_kwargs(arch, **options.extra_enable_kwargs)
+    kwargs = tgate_enable_kwargs(arch)
     for gate_step in options.gate_steps or [_scaled_gate(arch, options.steps)]:
         result = measure_latency(
             arch,
@@ -163,7 +162,7 @@ def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress)
             dtype=options.dtype,
             tgate_kwargs=kwargs,
             variants=latency_variants(options),
-            compile_option=options.compile or True,
+            compile_option=options.compile,
             on_call=lambda what: progress(f"{arch.name} gate {gate_step}: {what}"),
         )
         predicted = _predicted(arch, options.resolution, options.steps, gate_step, kwargs)[0]
@@ -202,7 +201,7 @@ def _mb(value: int | None) -> float | None:
 def _resolution_rows(arch: Architecture, options: BenchOptions, progress: Progress, main: list[LatencyRow]) -> list[ResolutionRow]:
     """Baseline vs T-GATE at each size of the sweep (the main run's numbers at its own size)."""
     rows = []
-    kwargs = tgate_enable_kwargs(arch, **options.extra_enable_kwargs)
+    kwargs = tgate_enable_kwargs(arch)
     gate_step = _scaled_gate(arch, options.steps)
     for resolution in options.resolutions:
         measured = {r.variant: r.median_s for r in main if r.resolution == resolution and r.gate_step in (None, gate_step)}
@@ -239,7 +238,7 @@ def _python_calls_rows(options: BenchOptions) -> list[PythonCallsRow]:
         resolution=options.python_calls_resolution,
         steps=arch.steps,
         gate_step=arch.gate_step,
-        tgate_kwargs=tgate_enable_kwargs(arch, **options.extra_enable_kwargs),
+        tgate_kwargs=tgate_enable_kwargs(arch),
         include_reference=options.reference and reference_available(),
     )
     base = counts[BASELINE].per_step
@@ -310,7 +309,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
         ),
     )
     for name in options.models:
-        rows, sweep = _macs_rows(options.architecture(name), progress, options.extra_enable_kwargs)
+        rows, sweep = _macs_rows(options.architecture(name), progress)
         results.macs += rows
         results.macs_sweep += sweep
     for name in options.latency_models:

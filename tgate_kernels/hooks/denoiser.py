@@ -43,6 +43,8 @@ class DenoiserHook(TgateHook):
         self.compiled: CompiledForward | None = None
         """The denoiser's forward compiled below this hook (``enable(pipe, compile=...)``)."""
         self._layouts_run_eagerly: set[tuple] = set()
+        self._arguments_checked = False
+        """Whether this generation's first guided call was checked for arguments T-GATE cannot cut."""
 
     def _run(self, call, args: tuple, kwargs: dict):
         """The denoiser's forward on (cut) arguments: eager, or compiled with the plan as data."""
@@ -76,6 +78,7 @@ class DenoiserHook(TgateHook):
 
     def reset_state(self, module):
         self.context.reset()
+        self._arguments_checked = False
         return module
 
     def forward_in_generation(self, module, *args, **kwargs):
@@ -87,8 +90,10 @@ class DenoiserHook(TgateHook):
         call = guidance.open_call(
             self.denoiser, self.main, rows, _compat.cache_context_name(self.context), after_gate=not state.plan.cfg_batch
         )
-        if len(call.parts) > 1 and state.step == 0:
+        if len(call.parts) > 1 and not self._arguments_checked:
+            # each denoiser's first guided call, whenever it comes (a ControlNet may start late)
             self.arguments.check(args, kwargs, rows)
+            self._arguments_checked = True
         rows_run = 0 if call.replay else rows * len(call.runs) // len(call.parts)
         if state.recorder is not None:
             state.recorder.denoiser_call(state.step, RecordedCall(self.denoiser, call.parts, call.runs, rows, rows_run))

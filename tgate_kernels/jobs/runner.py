@@ -90,7 +90,7 @@ def run_job(
         count = 0
         if round_index < len(mine):
             batch = mine[round_index]
-            seconds, images = _generate(pipe, batch, call_arguments)
+            seconds, images = generate_batch(pipe, batch, call_arguments)
             pipeline_seconds += seconds
             extra = batch_fields() if batch_fields is not None else {}
             for task, image in zip(batch, images):
@@ -115,7 +115,8 @@ def run_job(
     )
 
 
-def _generate(pipe, batch: list[ImageTask], call_arguments: dict):
+def generate_batch(pipe, batch: list[ImageTask], call_arguments: dict):
+    """One pipeline call for ``batch``: (seconds, PIL images)."""
     arguments = dict(call_arguments, **batch[0].arguments)
     arguments["prompt"] = [task.prompt for task in batch]
     if batch[0].negative_prompt is not None:
