@@ -73,8 +73,9 @@ def test_prompt_embeds_inputs_match_prompt_strings():
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_attention_computations_and_batches_follow_the_schedule(family):
-    settings = TgateSettings(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
-    pipe = tgate_kernels.enable(FACTORIES[family](), **settings.__dict__)
+    options = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
+    settings = TgateSettings(**options)
+    pipe = tgate_kernels.enable(FACTORIES[family](), **options)
     attentions = tgate_kernels.view(pipe).attentions
     n_cross = sum(a.cross for a in attentions)
     n_self = len(attentions) - n_cross

@@ -98,10 +98,11 @@ class TgateController:
             for denoiser in self.parts.denoisers:
                 hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, GuidedArguments(denoiser.module))
                 self._attach(denoiser.module, hook)
+                self.state.add_stateful_hook(hook)
                 for attention in denoiser.attentions:
                     cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data)
                     self._attach(attention.module, cache)
-                    self.state.add_cache(cache)
+                    self.state.add_stateful_hook(cache)
             if self._pag is not None:
                 self.state.add_listener(self._pag)
             self._tracker.install()
@@ -129,7 +130,7 @@ class TgateController:
         while self._hooks:
             module, hook = self._hooks[-1]
             detach(module, hook.name)
-            self.state.remove_cache(hook)
+            self.state.remove_stateful_hook(hook)
             self._hooks.pop()
         if self._pipe_tgate is not None:
             self._pipe_tgate.restore()

@@ -64,19 +64,19 @@ class GenerationState:
         self.last: GenerationSummary | None = None
         self._owner: int | None = None
         self._cut_announced = False
-        self._caches: list = []
+        self._stateful_hooks: list = []
         self._listeners: list[StepListener] = []
 
     # -- who is told what ------------------------------------------------------------------
 
-    def add_cache(self, hook) -> None:
+    def add_stateful_hook(self, hook) -> None:
         """``hook.reset_state(module)`` runs when a generation opens and when it closes (the same
         method diffusers' ``reset_stateful_hooks`` calls)."""
-        self._caches.append(hook)
+        self._stateful_hooks.append(hook)
 
-    def remove_cache(self, hook) -> None:
-        if hook in self._caches:
-            self._caches.remove(hook)
+    def remove_stateful_hook(self, hook) -> None:
+        if hook in self._stateful_hooks:
+            self._stateful_hooks.remove(hook)
 
     def add_listener(self, listener: "StepListener") -> None:
         self._listeners.append(listener)
@@ -125,7 +125,7 @@ class GenerationState:
                 f"(every sp_interval={settings.sp_interval} steps from warm_up={settings.warm_up}).",
                 stacklevel=4,
             )
-        self._reset_caches()
+        self._reset_stateful_hooks()
         self.settings = settings
         self.num_steps = num_steps
         self.gate_step = gate
@@ -191,10 +191,10 @@ class GenerationState:
             self.settings = None
             self._owner = None
             self.guidance.end()
-            self._reset_caches()
+            self._reset_stateful_hooks()
 
-    def _reset_caches(self) -> None:
-        for hook in self._caches:
+    def _reset_stateful_hooks(self) -> None:
+        for hook in self._stateful_hooks:
             hook.reset_state(None)
 
 

@@ -1,0 +1,125 @@
+"""The quality table and its Pareto plot (adherence and FID against the MACs ratio)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+from ..benchmarking.report import format_table
+from .quality import AutoOverhead, QualityRow, QualitySettings, as_json, dominating
+
+_KIND_STYLE = {
+    "fixed": dict(marker="o", linestyle="-", color="tab:blue", label="fixed gate"),
+    "deepcache": dict(marker="s", linestyle="--", color="tab:green", label="fixed gate + DeepCache"),
+}
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _gate(row: QualityRow) -> str:
+    chosen = sorted(row.gates_chosen)
+    if row.kind != "auto" or not chosen:
+        return _number(row.gate_step, 0)
+    return f"{row.gate_step:.1f} ({chosen[0]}-{chosen[-1]})"
+
+
+def quality_table(rows: Sequence[QualityRow]) -> str:
+    headers = ["model", "variant", "gate", "adherence", "PSNR (dB)", "SSIM", "FID", "MACs ratio"]
+    return format_table(headers, [
+        [row.model, row.variant, _gate(row), f"{100 * row.adherence:.1f}%", _number(row.psnr, 1), f"{row.ssim:.3f}",
+         f"{row.fid:.2f}", f"{row.macs_ratio:.3f}"]
+        for row in rows
+    ])
+
+
+def pareto_verdicts(rows: Sequence[QualityRow]) -> list[str]:
+    lines = []
+    for auto in (row for row in rows if row.kind == "auto"):
+        beaten = dominating(auto, [row for row in rows if row.model == auto.model])
+        if beaten:
+            names = ", ".join(f"{row.variant} ({100 * row.adherence:.1f}%, {row.macs_ratio:.3f})" for row in beaten)
+            lines.append(f"- {auto.model}: auto is below the fixed-gate front: {names} beat it on both axes.")
+        else:
+            lines.append(f"- {auto.model}: auto is on or above the fixed-gate front: no fixed gate has both higher "
+                         f"adherence and fewer MACs ({100 * auto.adherence:.1f}% at {auto.macs_ratio:.3f}).")
+    return lines
+
+
+def overhead_lines(overheads: Sequence[AutoOverhead]) -> list[str]:
+    return [
+        f"- {o.model}: {1000 * o.chooser_seconds:.1f} ms of {o.generation_seconds:.2f} s choosing the gate "
+        f"({100 * o.fraction:.2f}% of the generations' time, and so of an average step)"
+        for o in overheads
+    ]
+
+
+def render(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settings: QualitySettings) -> str:
+    auto = settings.auto_gate or {}
+    lines = [
+        f"{len(settings.prompts)} prompts x {settings.images_per_prompt} seeds, batches of {settings.batch_size} "
+        f"(auto decides once per batch), seed {settings.seed}; auto_gate {json.dumps(auto) if auto else 'defaults'}.",
+        "",
+        quality_table(rows),
+        "",
+        *pareto_verdicts(rows),
+        *overhead_lines(overheads),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(rows: Sequence[QualityRow], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row.model for row in rows))
+    figure, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)
+    for column, model in enumerate(models):
+        mine = [row for row in rows if row.model == model]
+        ungated = next(row for row in mine if row.kind == "ungated")
+        floor = next((row for row in mine if row.kind == "floor"), None)
+        for line, (metric, label) in enumerate((("adherence", "prompt adherence"), ("fid", "FID against ungated"))):
+            axis = axes[line][column]
+            scale = 100 if metric == "adherence" else 1
+            for kind, style in _KIND_STYLE.items():
+                series = sorted((row for row in mine if row.kind == kind), key=lambda row: row.macs_ratio)
+                if series:
+                    axis.plot([row.macs_ratio for row in series], [scale * getattr(row, metric) for row in series], **style)
+                    for row in series:
+                        axis.annotate(f"{row.gate_step:.0f}", (row.macs_ratio, scale * getattr(row, metric)),
+                                      textcoords="offset points", xytext=(4, 4), fontsize=7, color=style["color"])
+            for row in (row for row in mine if row.kind == "auto"):
+                axis.plot(row.macs_ratio, scale * getattr(row, metric), marker="D", color="tab:red", linestyle="",
+                          markersize=9, label=f"auto (mean gate {row.gate_step:.1f})")
+            axis.plot(1.0, scale * getattr(ungated, metric), marker="*", color="black", linestyle="", markersize=12,
+                      label="ungated")
+            if floor is not None:
+                axis.axhline(scale * getattr(floor, metric), color="grey", linestyle=":", linewidth=1,
+                             label="ungated, other seeds")
+            axis.set_xlabel("MACs ratio (gated / ungated)")
+            axis.set_ylabel(label + (" (%)" if metric == "adherence" else ""))
+            axis.set_title(f"micro {model}: {label}")
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_all(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settings: QualitySettings,
+              directory: str, plot: bool = True) -> dict[str, str]:
+    os.makedirs(directory, exist_ok=True)
+    written = {"json": os.path.join(directory, "quality.json"), "markdown": os.path.join(directory, "quality.md")}
+    with open(written["json"], "w") as handle:
+        json.dump(as_json(rows, overheads, settings), handle, indent=2)
+        handle.write("\n")
+    with open(written["markdown"], "w") as handle:
+        handle.write(render(rows, overheads, settings))
+    if plot:
+        written["plot"] = os.path.join(directory, "quality.png")
+        write_plot(rows, written["plot"])
+    return written
