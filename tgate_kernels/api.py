@@ -59,7 +59,7 @@ def enable(
             graphs per input shape whatever the schedule; inductor with freezing), or a dict of
             ``backend``, ``mode``, ``freezing``, ``dynamic``, ``options``; ``False`` runs eagerly.
             ``disable`` restores the uncompiled modules.
-        auto_gate: how ``gate_step="auto"`` chooses: ``{"threshold": 0.05, "min_fraction": 0.2,
+        auto_gate: how ``gate_step="auto"`` chooses: ``{"threshold": 0.08, "min_fraction": 0.2,
             "max_fraction": 0.6, "patience": 2}`` (any of them; see ``tgate_kernels.AutoGate``).
 
     Calling ``enable`` on an enabled pipeline replaces its settings.
@@ -99,7 +99,7 @@ def auto_gate_option(option) -> AutoGate:
     if isinstance(option, AutoGate):
         return option
     if not isinstance(option, dict):
-        raise TypeError(f"`auto_gate` must be a dict like {{'threshold': 0.05, 'min_fraction': 0.2}}, got {option!r}.")
+        raise TypeError(f"`auto_gate` must be a dict like {{'threshold': 0.08, 'min_fraction': 0.2}}, got {option!r}.")
     allowed = {f.name for f in dataclasses.fields(AutoGate)}
     unknown = sorted(set(option) - allowed)
     if unknown:

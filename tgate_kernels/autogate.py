@@ -20,6 +20,8 @@ import torch
 
 from .schedule import AutoGate
 
+_TINY = torch.finfo(torch.float32).tiny
+
 
 class GateChooser:
     """The gate of one generation, chosen from its cross-attention outputs (see the module)."""
@@ -37,16 +39,20 @@ class GateChooser:
 
     def observe(self, key, parts: tuple[str, ...], output: torch.Tensor) -> None:
         """One cross-attention output of this step (``key``: the module and the call's parts)."""
+        flat = output.detach().flatten(1)
+        # its norm is the next step's denominator: computed once, kept with the output
+        norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
         previous = self._previous.get(key)
-        self._previous[key] = output.detach()
-        if previous is None or previous.shape != output.shape:
+        self._previous[key] = (flat, norm)
+        if previous is None or previous[0].shape != flat.shape:
             return
-        rows = output.shape[0]
-        change = (output - previous).reshape(rows, -1).float().norm(dim=1)
-        scale = previous.reshape(rows, -1).float().norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-        ratio = change / scale
+        before, scale = previous
+        ratio = torch.linalg.vector_norm(flat - before, dim=1, dtype=torch.float32).div_(scale.clamp_min(_TINY))
         total = self._sums.get(parts)
-        self._sums[parts] = ratio if total is None else total + ratio
+        if total is None:
+            self._sums[parts] = ratio
+        else:
+            total.add_(ratio)
         self._counts[parts] = self._counts.get(parts, 0) + 1
 
     def step_done(self, step: int) -> int | None:

@@ -105,7 +105,7 @@ def _auto_gate(text: str) -> dict:
     for item in (part.strip() for part in text.split(",") if part.strip()):
         key, equals, value = item.partition("=")
         if not equals:
-            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE; expected e.g. threshold=0.05,min_fraction=0.2,max_fraction=0.6,patience=2")
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE; expected e.g. threshold=0.08,min_fraction=0.2,max_fraction=0.6,patience=2")
         integer = key.strip() == "patience"
         try:
             option[key.strip()] = int(value) if integer else float(value)
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
             "settings (SD/SDXL 25 steps, gate 10; PixArt 25 steps, gate 8; LCM 4 steps, gate 1; SDXL+DeepCache "
             "interval 3, branch 0), counted on the meta device, next to the published table. Latency and peak memory: "
             "the --latency-models at --resolution/--steps, baseline, T-GATE and the reference `tgate` package "
-            "(when installed) timed alternately. The defaults finish in a few minutes on a 2-core CPU."
+            "(when installed) timed alternately, then the T-GATE/baseline ratio across --resolutions. The defaults take about "
+            "10 minutes on a 2-core CPU; adding 512 to --resolutions adds about 11."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -183,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a benchmarks.json of more architectures (the format of tgate_kernels/configs/benchmarks.json, "
                             "configs beside it); may be given several times")
     bench.add_argument("--resolution", type=_resolution, default=256, help="image side in pixels of the latency run that times every variant (multiple of 64)")
-    bench.add_argument("--resolutions", type=_resolution_list, default=[128, 256, 512],
-                       help="image sides of the resolution sweep (baseline vs T-GATE, next to the MACs prediction), or none")
+    bench.add_argument("--resolutions", type=_resolution_list, default=[128, 256],
+                       help="image sides of the resolution sweep (baseline vs T-GATE, next to the MACs prediction), e.g. 128,256,512, or none")
     bench.add_argument("--steps", type=_positive_int, default=10, help="denoising steps of the latency runs")
     bench.add_argument(
         "--gate-steps",
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="an int step, a float fraction of the steps (0.4), or auto (chosen per batch; the metadata "
                                   "records the step chosen)")
             sub.add_argument("--auto-gate", type=_auto_gate, default=None, metavar="KEY=VALUE,...",
-                             help="how --gate-step auto chooses, e.g. threshold=0.05,min_fraction=0.2,max_fraction=0.6,patience=2")
+                             help="how --gate-step auto chooses, e.g. threshold=0.08,min_fraction=0.2,max_fraction=0.6,patience=2")
             sub.add_argument("--no-tgate", dest="tgate", action="store_false", help="the plain pipeline: the baseline set")
             sub.add_argument("--compile", action="store_true", help="tgate_kernels.enable(pipe, compile=True)")
             sub.add_argument("--batch-size", type=_positive_int, default=1, help="images per pipeline call")

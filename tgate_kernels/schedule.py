@@ -64,7 +64,7 @@ class AutoGate:
     changed by less than ``threshold`` (relative, mean over the layers, the slowest sample of the
     batch deciding) for ``patience`` consecutive steps; at ``max_fraction`` at the latest."""
 
-    threshold: float = 0.05
+    threshold: float = 0.08
     min_fraction: float = 0.2
     max_fraction: float = 0.6
     patience: int = 2

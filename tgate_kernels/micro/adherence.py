@@ -34,6 +34,7 @@ __all__ = [
     "IGNORE",
     "AttributeClassifier",
     "adherence",
+    "attribute_adherence",
     "as_model_input",
     "classify",
     "load_classifier",
@@ -186,6 +187,14 @@ def classify(images: np.ndarray | Sequence[Any], classifier: AttributeClassifier
     return [model.decode({name: column[i] for name, column in indices.items()}) for i in range(len(images))]
 
 
+def _asked_and_seen(prompts: Sequence[str], images, classifier) -> list[tuple[Attributes, Attributes]]:
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    if not prompts:
+        raise ValueError("adherence of no images")
+    return list(zip((parse_caption(prompt) for prompt in prompts), classify(images, classifier)))
+
+
 def adherence(
     prompts: Sequence[str], images: np.ndarray | Sequence[Any], classifier: AttributeClassifier | None = None
 ) -> float:
@@ -193,13 +202,27 @@ def adherence(
 
     Prompts must follow the micro world's caption grammar (see :func:`~.world.parse_caption`).
     """
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    if not prompts:
-        raise ValueError("adherence of no images")
-    asked = [parse_caption(prompt) for prompt in prompts]
-    seen = classify(images, classifier)
-    return sum(a == s for a, s in zip(asked, seen)) / len(asked)
+    pairs = _asked_and_seen(prompts, images, classifier)
+    return sum(asked == seen for asked, seen in pairs) / len(pairs)
+
+
+def _facts(attributes: Attributes) -> set[tuple]:
+    facts = {("where", attributes.where)}
+    for index, thing in enumerate(attributes.things):
+        facts |= {(index, "shape", thing.shape), (index, "colour", thing.colour)}
+        if thing.size is not None:
+            facts.add((index, "size", thing.size))
+    return facts
+
+
+def attribute_adherence(
+    prompts: Sequence[str], images: np.ndarray | Sequence[Any], classifier: AttributeClassifier | None = None
+) -> float:
+    """Mean over (prompt, image) pairs of the fraction of the prompt's attributes (each object's
+    shape, colour and size, and the position or relation) that the image shows: partial credit
+    where :func:`adherence` counts whole scenes."""
+    scores = [len(_facts(asked) & _facts(seen)) / len(_facts(asked)) for asked, seen in _asked_and_seen(prompts, images, classifier)]
+    return float(np.mean(scores))
 
 
 def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -212,6 +235,6 @@ def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: to
 
     if name not in MICRO_CALL:
         raise ValueError(f"Unknown micro pipeline {name!r}; expected one of: {', '.join(MICRO_CALL)}")
-    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -5,7 +5,8 @@ each variant: fixed gate steps, fixed gates with DeepCache (UNet pipelines), and
 ``gate_step="auto"``. Each variant gets
 
 - prompt adherence: the fraction of images in which the micro world's classifier reads every
-  attribute the prompt asked for;
+  attribute the prompt asked for, and the mean fraction of the attributes it reads (partial
+  credit, which separates a model that gets the colour and place right but the shape wrong);
 - PSNR and SSIM against the ungated image of the same prompt and seed (scikit-image);
 - FID between the variant's images and the ungated ones (torchmetrics'
   ``FrechetInceptionDistance`` on the classifier's penultimate features, since InceptionV3 knows
@@ -38,7 +39,7 @@ from PIL import Image
 from .. import api
 from ..autogate import GateChooser
 from ..benchmarking.fidelity import fidelity
-from .adherence import MICRO_CALL, AttributeClassifier, adherence, load_classifier, load_micro_pipeline
+from .adherence import MICRO_CALL, AttributeClassifier, adherence, attribute_adherence, load_classifier, load_micro_pipeline
 from .world import EVAL_PROMPTS
 
 DEFAULT_GATES: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16)
@@ -66,6 +67,8 @@ class QualityRow:
     images: int
     gates_chosen: tuple[int, ...] = ()
     """``auto``: the gate chosen for each batch."""
+    attribute_adherence: float | None = None
+    """The mean fraction of each prompt's attributes shown (partial credit per image)."""
 
 
 @dataclass(frozen=True)
@@ -177,14 +180,14 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
     say(f"{name}: ungated")
     ungated = _generate(pipe, name, prompts, seeds, settings.batch_size)
     rows = [QualityRow(name, "ungated", "ungated", None, adherence(prompts, ungated.images, classifier), None, 1.0, 0.0,
-                       1.0, len(prompts))]
+                       1.0, len(prompts), attribute_adherence=attribute_adherence(prompts, ungated.images, classifier))]
 
     def row(variant: str, kind: str, gate: float | None, generated: _Generated) -> QualityRow:
         psnr, ssim = _closeness(ungated.images, generated.images)
         return QualityRow(
             name, variant, kind, gate, adherence(prompts, generated.images, classifier), psnr, ssim,
             _fid(features, ungated.images, generated.images), generated.macs / ungated.macs, len(prompts),
-            tuple(generated.gates_chosen),
+            tuple(generated.gates_chosen), attribute_adherence(prompts, generated.images, classifier),
         )
 
     say(f"{name}: ungated, other seeds")

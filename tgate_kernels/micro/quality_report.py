@@ -14,6 +14,12 @@ _KIND_STYLE = {
     "deepcache": dict(marker="s", linestyle="--", color="tab:green", label="fixed gate + DeepCache"),
 }
 
+_PLOTTED = (
+    ("adherence", "prompt adherence", True),
+    ("attribute_adherence", "attributes shown", True),
+    ("fid", "FID against ungated", False),
+)
+
 
 def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
@@ -27,9 +33,10 @@ def _gate(row: QualityRow) -> str:
 
 
 def quality_table(rows: Sequence[QualityRow]) -> str:
-    headers = ["model", "variant", "gate", "adherence", "PSNR (dB)", "SSIM", "FID", "MACs ratio"]
+    headers = ["model", "variant", "gate", "adherence", "attributes", "PSNR (dB)", "SSIM", "FID", "MACs ratio"]
     return format_table(headers, [
-        [row.model, row.variant, _gate(row), f"{100 * row.adherence:.1f}%", _number(row.psnr, 1), f"{row.ssim:.3f}",
+        [row.model, row.variant, _gate(row), f"{100 * row.adherence:.1f}%",
+         "-" if row.attribute_adherence is None else f"{100 * row.attribute_adherence:.1f}%", _number(row.psnr, 1), f"{row.ssim:.3f}",
          f"{row.fid:.2f}", f"{row.macs_ratio:.3f}"]
         for row in rows
     ])
@@ -45,6 +52,11 @@ def pareto_verdicts(rows: Sequence[QualityRow]) -> list[str]:
         else:
             lines.append(f"- {auto.model}: auto is on or above the fixed-gate front: no fixed gate has both higher "
                          f"adherence and fewer MACs ({100 * auto.adherence:.1f}% at {auto.macs_ratio:.3f}).")
+        matching = [row for row in rows if row.model == auto.model and row.kind == "fixed" and row.adherence >= auto.adherence]
+        if matching:
+            cheapest = min(matching, key=lambda row: row.macs_ratio)
+            lines.append(f"  The cheapest fixed gate with at least its adherence: {cheapest.variant} "
+                         f"({100 * cheapest.adherence:.1f}% at {cheapest.macs_ratio:.3f}).")
     return lines
 
 
@@ -77,14 +89,14 @@ def write_plot(rows: Sequence[QualityRow], path: str) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(row.model for row in rows))
-    figure, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)
+    figure, axes = plt.subplots(len(_PLOTTED), len(models), figsize=(5.5 * len(models), 4 * len(_PLOTTED)), squeeze=False)
     for column, model in enumerate(models):
         mine = [row for row in rows if row.model == model]
         ungated = next(row for row in mine if row.kind == "ungated")
         floor = next((row for row in mine if row.kind == "floor"), None)
-        for line, (metric, label) in enumerate((("adherence", "prompt adherence"), ("fid", "FID against ungated"))):
+        for line, (metric, label, percent) in enumerate(_PLOTTED):
             axis = axes[line][column]
-            scale = 100 if metric == "adherence" else 1
+            scale = 100 if percent else 1
             for kind, style in _KIND_STYLE.items():
                 series = sorted((row for row in mine if row.kind == kind), key=lambda row: row.macs_ratio)
                 if series:
@@ -101,7 +113,7 @@ def write_plot(rows: Sequence[QualityRow], path: str) -> None:
                 axis.axhline(scale * getattr(floor, metric), color="grey", linestyle=":", linewidth=1,
                              label="ungated, other seeds")
             axis.set_xlabel("MACs ratio (gated / ungated)")
-            axis.set_ylabel(label + (" (%)" if metric == "adherence" else ""))
+            axis.set_ylabel(label + (" (%)" if percent else ""))
             axis.set_title(f"micro {model}: {label}")
             axis.grid(alpha=0.3)
             axis.legend(fontsize=7)

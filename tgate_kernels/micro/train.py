@@ -1,6 +1,6 @@
 """Train the micro world's models on the CPU, deterministically given a seed.
 
-``python -m tgate_kernels.micro.train --out DIR [--seed S] [--what sd,pixart,classifier]``
+``tgate-kernels train-micro --out DIR [--seed S] [--what sd,pixart,classifier]``
 writes up to three folders into ``DIR``:
 
 * ``sd``: a :class:`diffusers.StableDiffusionPipeline`: a small ``UNet2DConditionModel`` with
@@ -666,7 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # crawl when other processes take their cores.
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (results depend on it)")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m tgate_kernels.micro.train", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["tgate-kernels train-micro", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
 

@@ -1,0 +1,97 @@
+"""``tgate-kernels quality`` on the shipped micro pipelines: every variant measured on the same
+prompts and seeds, MACs counted while generating, auto's gate inside its window, the Pareto
+verdict, and bad options refused."""
+
+import json
+
+import pytest
+
+from tgate_kernels import cli
+from tgate_kernels.micro import quality
+from tgate_kernels.micro.adherence import MICRO_CALL
+from tgate_kernels.micro.quality_report import pareto_verdicts, render
+from tgate_kernels.schedule import AutoGate
+
+SMALL = quality.QualitySettings(gates=(4, 8), images_per_prompt=1, batch_size=4, prompts=quality.EVAL_PROMPTS[::6])
+
+
+@pytest.fixture(scope="module")
+def sd_rows():
+    return quality.measure_quality("sd", SMALL)
+
+
+def test_every_variant_is_measured_against_the_ungated_images(sd_rows):
+    by_variant = {row.variant: row for row in sd_rows}
+    assert list(by_variant) == ["ungated", "ungated, other seeds", "gate 4", "gate 8", "gate 4 + DeepCache",
+                                "gate 8 + DeepCache", "auto"]
+    ungated = by_variant["ungated"]
+    assert (ungated.macs_ratio, ungated.ssim, ungated.fid, ungated.psnr) == (1.0, 1.0, 0.0, None)
+    assert all(row.images == len(SMALL.prompts) for row in sd_rows)
+    # an earlier gate skips more work; DeepCache skips more on top; other seeds cost the same
+    assert by_variant["gate 4"].macs_ratio < by_variant["gate 8"].macs_ratio < 1.0
+    assert by_variant["gate 4 + DeepCache"].macs_ratio < by_variant["gate 4"].macs_ratio
+    assert by_variant["ungated, other seeds"].macs_ratio == 1.0
+    # a gated image stays much closer to its ungated image than an image from other seeds does
+    assert by_variant["gate 8"].psnr > by_variant["ungated, other seeds"].psnr + 10
+    assert by_variant["gate 8"].ssim > by_variant["ungated, other seeds"].ssim
+    assert all(0.0 <= row.adherence <= 1.0 and row.fid >= 0.0 for row in sd_rows)
+    # partial credit is at least whole-scene credit
+    assert all(row.adherence <= row.attribute_adherence <= 1.0 for row in sd_rows)
+
+
+def test_auto_reports_the_gates_it_chose_within_its_window(sd_rows):
+    auto = next(row for row in sd_rows if row.kind == "auto")
+    earliest, latest = AutoGate().window(MICRO_CALL["sd"]["num_inference_steps"])
+    batches = -(-len(SMALL.prompts) // SMALL.batch_size)
+    assert len(auto.gates_chosen) == batches
+    assert all(earliest <= gate <= latest for gate in auto.gates_chosen)
+    assert auto.gate_step == sum(auto.gates_chosen) / batches
+    assert 0.0 < auto.macs_ratio < 1.0
+
+
+def test_the_pareto_verdict_names_the_fixed_gates_that_beat_auto(sd_rows):
+    auto = next(row for row in sd_rows if row.kind == "auto")
+    better = quality.QualityRow("sd", "gate 1", "fixed", 1, auto.adherence + 0.1, 30.0, 0.9, 1.0, auto.macs_ratio - 0.1, 1)
+    worse = quality.QualityRow("sd", "gate 2", "fixed", 2, auto.adherence + 0.1, 30.0, 0.9, 1.0, auto.macs_ratio + 0.1, 1)
+    assert quality.dominating(auto, [better, worse]) == [better]
+    assert "beat it on both axes" in pareto_verdicts([auto, better])[0]
+    assert "on or above the fixed-gate front" in pareto_verdicts([auto, worse])[0]
+    text = render(sd_rows, [], SMALL)
+    assert "gate 8 + DeepCache" in text and "MACs ratio" in text
+
+
+def test_auto_overhead_is_a_small_part_of_the_generation():
+    overhead = quality.measure_auto_overhead("pixart", SMALL, generations=1)
+    assert overhead.chooser_seconds > 0.0
+    assert overhead.fraction < 0.1, "choosing the gate must not cost a tenth of the generation"
+
+
+def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "quality"
+    assert cli.main(["quality", "--models", "pixart", "--gates", "8", "--images-per-prompt", "1",
+                     "--batch-size", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pixart" in printed and "auto" in printed
+    data = json.loads((out / "quality.json").read_text())
+    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "auto"]
+    assert data["auto_overhead"][0]["model"] == "pixart"
+    assert (out / "quality.png").stat().st_size > 0 and (out / "quality.md").read_text().count("pixart") >= 4
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--models", "sdxl"], "--models: sdxl not known"),
+        (["--gates", "0"], "--gates: 0 must each be between 1 and 19"),
+        (["--gates", "20"], "--gates: 20 must each be between 1 and 19"),
+        (["--auto-gate", "threshold=-1"], "threshold"),
+        (["--auto-gate", "min_fraction=0.7,max_fraction=0.5"], "must not exceed"),
+        (["--auto-gate", "speed=3"], "unknown keys"),
+    ],
+)
+def test_quality_command_refuses_bad_options(arguments, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["quality", "--out", str(tmp_path / "never"), *arguments])
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
