@@ -435,10 +435,8 @@ def _check_tgate_options(args: argparse.Namespace, parser: argparse.ArgumentPars
 def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from accelerate import PartialState
 
-    from . import api
     from .jobs.folder import FolderError, OutputFolder
     from .jobs.prompts import PromptFileError, PromptRow, check_arguments, plan_images, read_prompts
-    from .jobs.runner import run_job
 
     _check_gate_steps(args, parser, [args.gate_step])
     _check_tgate_options(args, parser)
@@ -484,12 +482,31 @@ def _run_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         label = f"T-GATE (gate_step={args.gate_step}, {args.steps} steps)" if args.tgate else f"plain ({args.steps} steps)"
         print(f"{label}: {seconds:.2f} s -> {args.out} ({images[0].width}x{images[0].height})")
         return 0
+    finished = False
+    try:
+        code = _run_job_in_folder(args, pipe, tasks, folder, settings, state)
+        finished = True
+        return code
+    finally:
+        if state.num_processes > 1:
+            # a process group left to the interpreter's exit can abort it ("terminate called
+            # without an active exception") after every image was written; after a failure the
+            # others may never reach a barrier, so only then is it torn down without one
+            if finished:
+                state.wait_for_everyone()
+            state.destroy_process_group()
+
+
+def _run_job_in_folder(args, pipe, tasks, folder, settings: dict, state) -> int:
+    from tqdm.auto import tqdm
+
+    from . import api
+    from .jobs.runner import run_job
+
     if state.is_main_process:
         folder.write_run(settings)
     state.wait_for_everyone()
-    row_fields = dict(model=args.model, settings=settings, device=device)
-    from tqdm.auto import tqdm
-
+    row_fields = dict(model=args.model, settings=settings, device=args.device)
     with tqdm(total=len(tasks), desc="generate", unit="image", file=sys.stderr, disable=not state.is_main_process,
               dynamic_ncols=True) as bar:
         bar.update(len(folder.done() & {(t.index, t.image, t.seed) for t in tasks}))
