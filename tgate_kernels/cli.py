@@ -509,7 +509,6 @@ def _run_job_in_folder(args, pipe, tasks, folder, settings: dict, state) -> int:
     row_fields = dict(model=args.model, settings=settings, device=args.device)
     with tqdm(total=len(tasks), desc="generate", unit="image", file=sys.stderr, disable=not state.is_main_process,
               dynamic_ncols=True) as bar:
-        bar.update(len(folder.done() & {(t.index, t.image, t.seed) for t in tasks}))
         chosen_gate = (lambda: {"gate_step_chosen": api.view(pipe).last_generation.gate_step}) if args.tgate and args.gate_step == "auto" else None
         summary = run_job(pipe, tasks, folder, batch_size=args.batch_size, call_arguments=_call_kwargs(args),
                           row_fields=row_fields, progress=bar.update, batch_fields=chosen_gate)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .schedule import AttentionAction
+
 REUSE_SELF, STORE_SELF, GATE, FIRST_PART = range(4)
 
 
@@ -48,8 +50,6 @@ class PlanData:
 
     def prepare(self, denoiser: str, plan, first_part: bool, device: torch.device) -> None:
         """Set the flags for ``denoiser``'s next call under ``plan``."""
-        from .schedule import AttentionAction
-
         self.after_gate = not plan.cfg_batch
         values = [False] * 4
         values[REUSE_SELF] = plan.self_attention is AttentionAction.REUSE and denoiser in self._self_cached
@@ -60,8 +60,6 @@ class PlanData:
 
     def finished(self, denoiser: str, plan, fills_cross: bool) -> None:
         """Book what ``denoiser``'s call just cached."""
-        from .schedule import AttentionAction
-
         if plan.self_attention is AttentionAction.CACHE:
             self._self_cached.add(denoiser)
         if plan.average_cfg_halves or (self.after_gate and fills_cross):

@@ -131,11 +131,15 @@ def write_plot(results: BenchResults, path: str) -> None:
     plt.close(figure)
 
 
+def _say_empty(axis, text: str) -> None:
+    axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes)
+    axis.set_axis_off()
+
+
 def _plot_variants(axis, results: BenchResults) -> None:
     rows = [r for r in results.latency if r.median_s is not None]
     if not rows:
-        axis.text(0.5, 0.5, "no latency run", ha="center", va="center", transform=axis.transAxes)
-        axis.set_axis_off()
+        _say_empty(axis, "no latency run")
         return
     labels = [f"{r.variant}" + (f" (gate {r.gate_step})" if r.gate_step is not None else "") for r in rows]
     positions = range(len(rows))
@@ -156,8 +160,7 @@ def _plot_variants(axis, results: BenchResults) -> None:
 def _plot_sizes(axis, results: BenchResults) -> None:
     rows = [r for r in results.resolutions if r.latency_ratio is not None]
     if not rows:
-        axis.text(0.5, 0.5, "no resolution sweep", ha="center", va="center", transform=axis.transAxes)
-        axis.set_axis_off()
+        _say_empty(axis, "no resolution sweep")
         return
     for model in dict.fromkeys(r.model for r in rows):
         mine = [r for r in rows if r.model == model]

@@ -71,7 +71,8 @@ def run_job(
     """Generate every image of ``tasks`` not yet in ``folder``. ``call_arguments`` go to every
     pipeline call, ``row_fields`` into every metadata row, and ``batch_fields()``, asked after each
     call, into the rows of its images (the gate ``gate_step="auto"`` chose); ``progress(n)`` is
-    told, on the main process, how many images the whole job wrote since the last call."""
+    told, on the main process, how many images were already there, then how many the whole job
+    wrote since the last call."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -82,6 +83,8 @@ def run_job(
     # a batch with any image missing runs whole again: the batch decides an image's last bits
     pending = [batch for batch in all_batches if any(_key(task) not in done for task in batch)]
     already = sum(1 for task in tasks if _key(task) in done)
+    if progress is not None and state.is_main_process and already:
+        progress(already)
     rounds = math.ceil(len(pending) / state.num_processes)
     with state.split_between_processes(pending) as mine:
         mine = list(mine)

@@ -34,6 +34,7 @@ __all__ = [
     "IGNORE",
     "AttributeClassifier",
     "adherence",
+    "adherence_scores",
     "attribute_adherence",
     "as_model_input",
     "classify",
@@ -187,25 +188,6 @@ def classify(images: np.ndarray | Sequence[Any], classifier: AttributeClassifier
     return [model.decode({name: column[i] for name, column in indices.items()}) for i in range(len(images))]
 
 
-def _asked_and_seen(prompts: Sequence[str], images, classifier) -> list[tuple[Attributes, Attributes]]:
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    if not prompts:
-        raise ValueError("adherence of no images")
-    return list(zip((parse_caption(prompt) for prompt in prompts), classify(images, classifier)))
-
-
-def adherence(
-    prompts: Sequence[str], images: np.ndarray | Sequence[Any], classifier: AttributeClassifier | None = None
-) -> float:
-    """Fraction of (prompt, image) pairs whose image shows every attribute the prompt asks for.
-
-    Prompts must follow the micro world's caption grammar (see :func:`~.world.parse_caption`).
-    """
-    pairs = _asked_and_seen(prompts, images, classifier)
-    return sum(asked == seen for asked, seen in pairs) / len(pairs)
-
-
 def _facts(attributes: Attributes) -> set[tuple]:
     facts = {("where", attributes.where)}
     for index, thing in enumerate(attributes.things):
@@ -215,14 +197,37 @@ def _facts(attributes: Attributes) -> set[tuple]:
     return facts
 
 
+def adherence_scores(
+    prompts: Sequence[str], images: np.ndarray | Sequence[Any], classifier: AttributeClassifier | None = None
+) -> tuple[float, float]:
+    """:func:`adherence` and :func:`attribute_adherence` from one reading of the images."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    if not prompts:
+        raise ValueError("adherence of no images")
+    pairs = list(zip((parse_caption(prompt) for prompt in prompts), classify(images, classifier)))
+    whole = sum(asked == seen for asked, seen in pairs) / len(pairs)
+    partial = float(np.mean([len(_facts(asked) & _facts(seen)) / len(_facts(asked)) for asked, seen in pairs]))
+    return whole, partial
+
+
+def adherence(
+    prompts: Sequence[str], images: np.ndarray | Sequence[Any], classifier: AttributeClassifier | None = None
+) -> float:
+    """Fraction of (prompt, image) pairs whose image shows every attribute the prompt asks for.
+
+    Prompts must follow the micro world's caption grammar (see :func:`~.world.parse_caption`).
+    """
+    return adherence_scores(prompts, images, classifier)[0]
+
+
 def attribute_adherence(
     prompts: Sequence[str], images: np.ndarray | Sequence[Any], classifier: AttributeClassifier | None = None
 ) -> float:
     """Mean over (prompt, image) pairs of the fraction of the prompt's attributes (each object's
     shape, colour and size, and the position or relation) that the image shows: partial credit
     where :func:`adherence` counts whole scenes."""
-    scores = [len(_facts(asked) & _facts(seen)) / len(_facts(asked)) for asked, seen in _asked_and_seen(prompts, images, classifier)]
-    return float(np.mean(scores))
+    return adherence_scores(prompts, images, classifier)[1]
 
 
 def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -39,7 +39,7 @@ from PIL import Image
 from .. import api
 from ..autogate import GateChooser
 from ..benchmarking.fidelity import fidelity
-from .adherence import MICRO_CALL, AttributeClassifier, adherence, attribute_adherence, load_classifier, load_micro_pipeline
+from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline
 from .world import EVAL_PROMPTS
 
 DEFAULT_GATES: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16)
@@ -179,15 +179,15 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
 
     say(f"{name}: ungated")
     ungated = _generate(pipe, name, prompts, seeds, settings.batch_size)
-    rows = [QualityRow(name, "ungated", "ungated", None, adherence(prompts, ungated.images, classifier), None, 1.0, 0.0,
-                       1.0, len(prompts), attribute_adherence=attribute_adherence(prompts, ungated.images, classifier))]
+    whole, partial = adherence_scores(prompts, ungated.images, classifier)
+    rows = [QualityRow(name, "ungated", "ungated", None, whole, None, 1.0, 0.0, 1.0, len(prompts), attribute_adherence=partial)]
 
     def row(variant: str, kind: str, gate: float | None, generated: _Generated) -> QualityRow:
         psnr, ssim = _closeness(ungated.images, generated.images)
+        whole, partial = adherence_scores(prompts, generated.images, classifier)
         return QualityRow(
-            name, variant, kind, gate, adherence(prompts, generated.images, classifier), psnr, ssim,
-            _fid(features, ungated.images, generated.images), generated.macs / ungated.macs, len(prompts),
-            tuple(generated.gates_chosen), attribute_adherence(prompts, generated.images, classifier),
+            name, variant, kind, gate, whole, psnr, ssim, _fid(features, ungated.images, generated.images),
+            generated.macs / ungated.macs, len(prompts), tuple(generated.gates_chosen), partial,
         )
 
     say(f"{name}: ungated, other seeds")
