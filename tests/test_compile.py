@@ -1,7 +1,8 @@
 """``enable(pipe, compile=...)``: the step plan never reaches a compiled graph, so a schedule adds
 no graph and no recompilation; a compile failure runs eagerly with one warning; disable restores
-the uncompiled modules. The tests compile with dynamo's ``eager`` backend (the same graphs, no
-code generation), which keeps them fast."""
+the uncompiled modules. Most tests compile with dynamo's ``eager`` backend (the same graphs, no
+code generation), which keeps them fast; one runs what ``compile=True`` runs, inductor with
+freezing, which folds every tensor it does not see as an input."""
 
 import warnings
 
@@ -48,6 +49,27 @@ def test_schedules_add_no_graph_and_the_result_is_eager_t_gates(factory, extra):
         eager = generate(tgate_kernels.enable(factory(), kernels="off", **schedule), steps=steps, **extra)
         assert max_abs_diff(compiled, eager) <= 1e-5
     assert np.array_equal(generate(tgate_kernels.enable(pipe, compile=EAGER_BACKEND, **schedules[0]), steps=6, **extra), first)
+
+
+@pytest.mark.slow
+def test_inductor_with_freezing_gives_eager_t_gates_images_over_every_phase_and_call():
+    from tgate_kernels.controller import controller_of
+
+    # 7 steps: warm-up (0), self-attention cached (1, 2) and reused (3) before the gate, the gate
+    # step (4), cross-attention reused with self-attention reused (5) and cached (6) after it
+    schedule = dict(gate_step=5, sp_interval=2, fi_interval=2, warm_up=1)
+    eager = generate(tgate_kernels.enable(tiny_sd(), kernels="off", **schedule), steps=7)
+    pipe = tgate_kernels.enable(tiny_sd(), compile=True, **schedule)
+    assert tgate_kernels.view(pipe).compile.backend == "inductor"
+    graphs = _graphs()
+    plan_data = controller_of(pipe).state.plan_data
+    for call in range(3):
+        compiled = generate(pipe, steps=7)
+        assert max_abs_diff(compiled, eager) <= 1e-4, f"call {call}"
+        assert plan_data.bound is None and not plan_data._tensors, "the caches go with the generation"
+    assert _graphs() - graphs == 2, "one graph before the gate, one after"
+    plain = generate(tiny_sd(), steps=7)
+    assert max_abs_diff(compiled, plain) > 1e-3, "T-GATE changed the images"
 
 
 def test_disable_restores_the_uncompiled_denoiser():

@@ -88,24 +88,33 @@ class CompileSettings:
 
 
 class CompiledForward:
-    """A denoiser's forward, compiled on first use, eager again (with one warning) if compiling fails."""
+    """A denoiser's forward, compiled on first use, eager again (with one warning) if compiling fails.
 
-    def __init__(self, forward: Callable, settings: CompileSettings, name: str) -> None:
+    It is called with the step's tensors first (:attr:`tgate_kernels.plan_data.PlanData.bound`):
+    the compiled function stores them where the attention hooks read them, so that they enter
+    the graph as its inputs, not as constants of it."""
+
+    def __init__(self, forward: Callable, settings: CompileSettings, name: str, plan_data) -> None:
         self.eager = forward
         self.settings = settings
         self.name = name
+        self.plan_data = plan_data
         self.failure: str | None = None
         self._compiled: Callable | None = None
         self._inductor_settings: dict[str, Any] = {}
 
-    def __call__(self, *args, **kwargs):
+    def _forward_with(self, tensors: dict, args: tuple, kwargs: dict):
+        self.plan_data.bound = tensors
+        return self.eager(*args, **kwargs)
+
+    def __call__(self, tensors: dict, *args, **kwargs):
         if self.failure is None:
             try:
                 if self._compiled is None:
                     compile_kwargs, self._inductor_settings = self.settings.compile_arguments()
-                    self._compiled = torch.compile(self.eager, **compile_kwargs)
+                    self._compiled = torch.compile(self._forward_with, **compile_kwargs)
                 with _compat.inductor_settings(self._inductor_settings):
-                    return self._compiled(*args, **kwargs)
+                    return self._compiled(tensors, args, kwargs)
             except _compat.compiler_errors() as error:
                 self.failure = _cause(error)
                 warnings.warn(
@@ -113,7 +122,7 @@ class CompiledForward:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return self.eager(*args, **kwargs)
+        return self._forward_with(tensors, args, kwargs)
 
 
 def _cause(error: BaseException) -> str:

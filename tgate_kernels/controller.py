@@ -100,7 +100,7 @@ class TgateController:
                 self._attach(denoiser.module, hook)
                 self.state.add_stateful_hook(hook)
                 for attention in denoiser.attentions:
-                    cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data)
+                    cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data, attention.name)
                     self._attach(attention.module, cache)
                     self.state.add_stateful_hook(cache)
             if self._pag is not None:

@@ -190,6 +190,8 @@ class GenerationState:
             self.call = None
             self.settings = None
             self._owner = None
+            self.chooser = None  # the outputs it compared go with the generation
+            self.plan_data.release()
             self.guidance.end()
             self._reset_stateful_hooks()
 

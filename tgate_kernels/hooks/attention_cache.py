@@ -102,13 +102,14 @@ class AttentionCacheHook(TgateHook):
     name = "tgate_attention_cache"
     _is_stateful = True
 
-    def __init__(self, state: GenerationState, denoiser: str, cross: bool, plan_as_data: bool = False) -> None:
+    def __init__(self, state: GenerationState, denoiser: str, cross: bool, plan_as_data: bool = False, module_name: str = "") -> None:
         super().__init__(state)
         self.denoiser = denoiser
         self.cross = cross
         self.plan_as_data = plan_as_data
         self.cache = PartCache()
-        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.key = f"{denoiser}.{module_name}" if module_name else f"{denoiser}.{id(self)}"
+        """This hook's caches under compile are named ``{key}/{role}/{rows}/{dtype}/{device}``."""
 
     def reset_state(self, module):
         self.cache.clear()
@@ -116,7 +117,6 @@ class AttentionCacheHook(TgateHook):
 
     def detached(self, module) -> None:
         self.cache.clear()
-        self.buffers = {}
 
     def cached_for(self, call: DenoiserCall) -> torch.Tensor | None:
         """The output to reuse in ``call``, for callers that skip the module's call; recorded as a reuse."""
@@ -154,22 +154,21 @@ class AttentionCacheHook(TgateHook):
 
     # -- the plan as data -------------------------------------------------------------------
 
+    def _buffer_key(self, role: str, like: torch.Tensor) -> str:
+        return f"{self.key}/{role}/{like.shape[0]}/{like.dtype}/{like.device}"
+
     def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
-        key = (role, like.shape[0], like.dtype, like.device)
-        buffer = self.buffers.get(key)
-        if buffer is None:
-            buffer = self.buffers[key] = torch.zeros_like(like)
-        return buffer
+        return self.state.plan_data.buffer(self._buffer_key(role, like), like)
 
     def _forward_by_flags(self, call: DenoiserCall, *args, **kwargs):
         state = self.state
         data = state.plan_data
         sample = args[0] if args else kwargs["hidden_states"]
-        flags = data.flags(sample.device)
+        flags = data.bound[plan_data.FLAGS]
         reuse_self, store_self = flags[plan_data.REUSE_SELF], flags[plan_data.STORE_SELF]
         if data.after_gate and self.cross:
             if data.cross_ready(self.denoiser):
-                return self.buffers[("after", sample.shape[0], sample.dtype, sample.device)]
+                return data.bound[self._buffer_key("after", sample)]
             output = self.original(*args, **kwargs)
             if state.reuse_fills_cache:
                 self._buffer("after", output).copy_(output)

@@ -42,7 +42,8 @@ class DenoiserHook(TgateHook):
         self.context = StateManager(_NoState)
         self.compiled: CompiledForward | None = None
         """The denoiser's forward compiled below this hook (``enable(pipe, compile=...)``)."""
-        self._layouts_run_eagerly: set[tuple] = set()
+        self._layout_tensors: dict[tuple, dict] = {}
+        """Per layout of a compiled call, the tensors (caches and flags) its graph takes."""
         self._arguments_checked = False
         """Whether this generation's first guided call was checked for arguments T-GATE cannot cut."""
 
@@ -59,12 +60,17 @@ class DenoiserHook(TgateHook):
         data.prepare(self.denoiser, state.plan, first_part, sample.device)
         key = (data.after_gate, data.cross_ready(self.denoiser), state.reuse_fills_cache, call.parts, call.runs,
                tuple(sample.shape), sample.dtype, sample.device)
-        if key in self._layouts_run_eagerly:
-            output = self.compiled(*args, **kwargs)
-        else:
-            # the first call of each layout runs eagerly: it creates the cache buffers the graph reads
-            self._layouts_run_eagerly.add(key)
-            output = self.original(*args, **kwargs)
+        specs = self._layout_tensors.get(key)
+        try:
+            if specs is None:
+                # the first call of each layout runs eagerly: it makes the tensors the graph takes
+                data.bind_for_learning(sample.device)
+                output = self.original(*args, **kwargs)
+                self._layout_tensors[key] = data.learned()
+            else:
+                output = self.compiled(data.bind(specs), *args, **kwargs)
+        finally:
+            data.bound = None
         data.finished(self.denoiser, state.plan, state.reuse_fills_cache)
         return output
 
@@ -74,7 +80,7 @@ class DenoiserHook(TgateHook):
         if settings is None:
             self.compiled = None
         elif self.compiled is None or self.compiled.settings != settings or self.compiled.eager is not self.fn_ref.original_forward:
-            self.compiled = CompiledForward(self.fn_ref.original_forward, settings, self.denoiser)
+            self.compiled = CompiledForward(self.fn_ref.original_forward, settings, self.denoiser, self.state.plan_data)
 
     def reset_state(self, module):
         self.context.reset()
