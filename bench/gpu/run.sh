@@ -8,7 +8,8 @@
 # It installs the wheels from .whl/ and the package (C++ extension built against the machine's
 # torch), checks the fused op through the dispatcher on CUDA (opcheck), times the fused op against
 # the unfused sequence and a device copy of the same bytes, and times SD-1.5 512² and SDXL 1024²
-# (25 steps, gate 10, float16): baseline, reference tgate 1.0.0, T-GATE eager, fused and compiled.
+# (25 steps, gate 10, float16): baseline, reference tgate 1.0.0, T-GATE eager and fused, and for
+# SD-1.5 compiled T-GATE against the baseline compiled the same way.
 # Everything lands in $OUT (GPU_RESULTS.md first), to be copied into bench/.
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}

@@ -11,7 +11,9 @@ drifts of the machine hit them alike; the median of the repeats is reported.
 T-GATE is timed as ``tgate-eager`` (``kernels="off"``: plain PyTorch, the reference's exact
 arithmetic), ``tgate`` (``kernels="auto"``: the fused post-gate block fast path) and, when asked,
 ``tgate-compiled`` (``enable(pipe, compile=True)``: compiled in its first, untimed call, whose
-duration and memory are reported as what compiling costs).
+duration and memory are reported as what compiling costs), next to ``baseline-compiled``, the
+plain denoiser compiled the same way (``torch.compile`` with the same backend and inductor
+settings), which is what compiled T-GATE has to beat.
 
 The reference package replaces the forward of every attention module it runs on and leaves it
 replaced, so it gets its own pipeline over a copy of the denoiser.
@@ -31,9 +33,10 @@ from .architectures import Architecture
 from .memory import PeakMemory
 from .pipelines import build_timing_pipeline, pipeline_call_kwargs
 
-BASELINE, TGATE_EAGER, TGATE, TGATE_COMPILED, REFERENCE = (
-    "baseline", "tgate-eager", "tgate", "tgate-compiled", "reference"
+BASELINE, BASELINE_COMPILED, TGATE_EAGER, TGATE, TGATE_COMPILED, REFERENCE = (
+    "baseline", "baseline-compiled", "tgate-eager", "tgate", "tgate-compiled", "reference"
 )
+BASELINES = (BASELINE, BASELINE_COMPILED)
 TGATE_VARIANTS = (TGATE_EAGER, TGATE, TGATE_COMPILED)
 
 
@@ -135,10 +138,28 @@ def _variants(arch: Architecture, denoiser: torch.nn.Module, names, settings: di
             compiled_pipe = build_timing_pipeline(arch, copy.deepcopy(denoiser))
             api.enable(compiled_pipe, **dict(settings, compile=compile_option))
             variants[name] = _Variant(lambda kwargs: compiled_pipe(**kwargs))
+        elif name == BASELINE_COMPILED:
+            variants[name] = _compiled_baseline(arch, copy.deepcopy(denoiser), compile_option)
         elif name == REFERENCE:
             # the reference leaves every attention forward patched: its own copy too
             variants[name] = _Variant(reference_caller(arch, build_timing_pipeline(arch, copy.deepcopy(denoiser)), settings))
     return variants
+
+
+def _compiled_baseline(arch: Architecture, denoiser: torch.nn.Module, compile_option) -> _Variant:
+    """The plain pipeline with its denoiser compiled as ``enable(pipe, compile=compile_option)`` would."""
+    from .. import _compat
+    from ..compilation import CompileSettings
+
+    compile_kwargs, inductor = CompileSettings.from_option(compile_option or True).compile_arguments()
+    pipe = build_timing_pipeline(arch, denoiser)
+    denoiser.forward = torch.compile(denoiser.forward, **compile_kwargs)
+
+    def run(kwargs: dict):
+        with _compat.inductor_settings(inductor):
+            return pipe(**kwargs)
+
+    return _Variant(run)
 
 
 def measure_latency(

@@ -13,7 +13,7 @@ import torch
 
 from ..schedule import TgateSettings
 from .architectures import Architecture, architecture
-from .latency import BASELINE, REFERENCE, TGATE, TGATE_COMPILED, TGATE_EAGER, TGATE_VARIANTS, measure_latency, reference_available
+from .latency import BASELINE, BASELINE_COMPILED, BASELINES, REFERENCE, TGATE, TGATE_COMPILED, TGATE_EAGER, TGATE_VARIANTS, measure_latency, reference_available
 from .macs import forward_breakdown, generation_macs, planned_generation_macs, tgate_enable_kwargs
 from .params import denoiser_params
 from .python_calls import measure_python_calls
@@ -133,7 +133,7 @@ def latency_variants(options: BenchOptions) -> tuple[str, ...]:
     """The variants the main latency run times."""
     names = [BASELINE, TGATE_EAGER, TGATE]
     if options.compile:
-        names.append(TGATE_COMPILED)
+        names += [BASELINE_COMPILED, TGATE_COMPILED]
     if options.reference and reference_available():
         names.append(REFERENCE)
     return tuple(names)
@@ -167,7 +167,7 @@ def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress)
         )
         predicted = _predicted(arch, options.resolution, options.steps, gate_step, kwargs)[0]
         for name, timing in result.variants.items():
-            gated = name != BASELINE
+            gated = name not in BASELINES
             rows.append(
                 LatencyRow(
                     model=arch.name,
