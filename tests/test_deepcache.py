@@ -99,7 +99,7 @@ def test_disable_removes_both_in_any_order(order):
         gated = pipe(**call())
     else:
         gated = tgate_kernels.enable(pipe, gate_step=3, deepcache={"cache_interval": 3, "cache_branch_id": 0})(**call())
-    assert tgate_kernels.view(pipe).deepcache is not None
+    assert tgate_kernels.view(pipe).tgate_deepcache is not None, "pipe.tgate runs DeepCache (a loader's, else enable's)"
     assert _diff(gated, baseline) > 0
     tgate_kernels.disable(pipe)
     assert not any("forward" in m.__dict__ or hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())

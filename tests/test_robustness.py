@@ -346,6 +346,88 @@ def test_an_interrupt_in_any_step_of_a_call_leaves_the_next_call_unaffected(step
     assert max_abs_diff(_call(pipe), expected) == 0.0
 
 
+class _InterruptAtLine:
+    """Raises ``KeyboardInterrupt`` at the ``at``-th line run in ``files`` (0: never), counting."""
+
+    def __init__(self, files, at=0):
+        self.files, self.at, self.lines, self.where = files, at, 0, None
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.lines += 1
+            if self.lines == self.at:
+                self.where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                raise KeyboardInterrupt(f"injected at {self.where}")
+        return self._local
+
+    def _global(self, frame, event, arg):
+        return self._local if frame.f_code.co_filename.endswith(self.files) else None
+
+    def __enter__(self):
+        import sys
+
+        sys.settrace(self._global)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.settrace(None)
+        return False
+
+
+_AROUND_DEEPCACHE = (
+    "tgate_kernels/deepcache.py", "tgate_kernels/state.py", "tgate_kernels/snapshot.py", "tgate_kernels/controller.py",
+    "tgate_kernels/hooks/generation.py", "DeepCache/extension/deepcache.py",
+)
+
+
+@pytest.mark.slow
+def test_an_interrupt_at_any_line_run_around_a_deepcache_generation_leaves_the_pipeline_usable():
+    """Every line T-GATE and DeepCache run to open, step, wrap, unwrap and close a generation,
+    interrupted in turn (a sample of the points spread over the whole call): the next call,
+    ``disable()`` and a plain call afterwards are all correct."""
+    baseline = _call(tiny_sd())
+    expected = _call(tgate_kernels.enable(tiny_sd(), gate_step=GATE, deepcache=DEEPCACHE))
+    # everything around the generation, then the undo of DeepCache's wrappers and the loop's
+    # opening and closing more densely
+    for files, points in ((_AROUND_DEEPCACHE, 45), (("tgate_kernels/snapshot.py", "tgate_kernels/hooks/generation.py"), 15)):
+        pipe = tgate_kernels.enable(tiny_sd(), gate_step=GATE, deepcache=DEEPCACHE)
+        with _InterruptAtLine(files) as counter:
+            _call(pipe)
+        assert counter.lines > 100
+        for at in range(1, counter.lines + 1, max(1, counter.lines // points)):
+            pipe = tgate_kernels.enable(tiny_sd(), gate_step=GATE, deepcache=DEEPCACHE)
+            with pytest.raises(KeyboardInterrupt):
+                with _InterruptAtLine(files, at) as fault:
+                    _call(pipe)
+            assert max_abs_diff(_call(pipe), expected) == 0.0, fault.where
+            tgate_kernels.disable(pipe)
+            assert _clean(pipe.unet) and max_abs_diff(_call(pipe), baseline) == 0.0, fault.where
+
+
+def test_nothing_of_a_generation_outlives_it():
+    """The caches, the auto gate's saved outputs and the compiled path's tensors go with the
+    generation, whether it ends or raises."""
+    from tgate_kernels.controller import controller_of
+
+    for options in (dict(gate_step="auto"), dict(gate_step=GATE, compile={"backend": "eager"})):
+        pipe = tgate_kernels.enable(tiny_sd(), **options)
+        state = controller_of(pipe).state
+
+        def interrupt(pipe_, index, timestep, callback_kwargs):
+            assert state.chooser is not None or state.plan_data.bound is not None or state.plan_data._tensors
+            raise KeyboardInterrupt
+
+        for extra in ({}, {"callback_on_step_end": interrupt}):
+            try:
+                _call(pipe, **extra)
+            except KeyboardInterrupt:
+                pass
+            assert state.chooser is None and state.plan_data.bound is None and not state.plan_data._tensors, options
+            assert all(not getattr(hook, "caches", None) for _, hook in controller_of(pipe).hooks), options
+
+
 # ---------------------------------------------------------------- LoRA and processors changed while enabled
 
 

@@ -143,13 +143,38 @@ def batched_parts(pipe, parts_per_latent: int) -> tuple[str, ...] | None:
     return None
 
 
+_INTERLEAVED_TIME_IDS = (
+    # torch.cat([negative_add_time_ids, add_time_ids]).repeat(batch_size * num_images_per_prompt, 1)
+    "StableDiffusionXLPipeline", "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetUnionPipeline",
+    "StableDiffusionXLAdapterPipeline", "StableDiffusionXLControlNetXSPipeline", "StableDiffusionXLPAGPipeline",
+    "StableDiffusionXLControlNetPAGPipeline", "StableDiffusionXLInstructPix2PixPipeline", "KolorsPipeline",
+    "KolorsImg2ImgPipeline", "KolorsPAGPipeline", "AnimateDiffSDXLPipeline", "TextToVideoZeroSDXLPipeline",
+    "LEditsPPPipelineStableDiffusionXL",
+)
+_INTERLEAVED_META = ("HunyuanDiTPipeline", "HunyuanDiTControlNetPipeline", "HunyuanDiTPAGPipeline")
+
+
+def interleaved_arguments(pipe) -> frozenset[str]:
+    """The denoiser arguments ``pipe`` builds with one row per guidance part for each image in
+    turn (its guidance parts concatenated, then repeated per image) instead of one block of rows
+    per part. With several images these rows do not line up with the latents' parts (diffusers'
+    own layout), so after the gate each image takes the kept part's row, as the reference
+    gives every image the kept part's conditioning."""
+    if _is_instance(pipe, *_INTERLEAVED_TIME_IDS):
+        return frozenset({"added_cond_kwargs['time_ids']"})
+    if _is_instance(pipe, *_INTERLEAVED_META):
+        return frozenset({"image_meta_size", "style"})
+    return frozenset()
+
+
 def default_kept(parts: PipelineParts) -> str:
     """The part the reference keeps after the gate: the negative prompt's, except for Stable
-    Video Diffusion, whose negative part is an empty image embedding."""
-    from diffusers import UNetSpatioTemporalConditionModel
+    Video Diffusion (and I2VGen-XL, built the same way), whose negative part is an empty image
+    embedding."""
+    from diffusers import I2VGenXLUNet, UNetSpatioTemporalConditionModel
 
     main = parts.denoisers[0].module
-    return PROMPT if isinstance(main, UNetSpatioTemporalConditionModel) else NEGATIVE
+    return PROMPT if isinstance(main, (UNetSpatioTemporalConditionModel, I2VGenXLUNet)) else NEGATIVE
 
 
 def guidance_tracker(pipe, parts: PipelineParts, kept: KeptPart) -> GuidanceTracker:

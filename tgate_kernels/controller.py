@@ -22,7 +22,7 @@ from .deepcache import DeepCacheCoordinator
 from .guidance import KeptPart
 from .guided_arguments import GuidedArguments
 from .hooks.attention_cache import AttentionCacheHook
-from .hooks.base import COPY_REFUSAL, TgateHook
+from .hooks.base import COPY_REFUSAL, PICKLE_REFUSAL, TgateHook
 from .hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from .hooks.denoiser import DenoiserHook
 from .hooks.generation import GenerationTracker, Opening
@@ -38,7 +38,13 @@ _CONTROLLER_ATTR = "_tgate_controller"
 
 @dataclass(frozen=True)
 class Configuration:
-    """What a pipeline runs with: the schedule, the options, and whether plain calls are gated."""
+    """What a pipeline runs with: the schedule of its plain calls and of ``pipe.tgate``, the options,
+    and whether plain calls are gated.
+
+    ``enable`` sets what plain ``pipe(...)`` calls run with (``settings``, ``deepcache``); a loader
+    sets the defaults of ``pipe.tgate`` (``loader_settings``, ``loader_deepcache``,
+    ``default_steps``) and leaves plain calls as they were. Without a loader, ``pipe.tgate`` runs
+    with ``enable``'s settings."""
 
     settings: TgateSettings
     kernels: KernelMode = KernelMode.AUTO
@@ -46,21 +52,36 @@ class Configuration:
     deepcache: DeepCacheCoordinator | None = None
     compile: CompileSettings | None = None
     gates_plain_calls: bool = False
+    loader_settings: TgateSettings | None = None
+    """The defaults of ``pipe.tgate`` a loader was given (``None``: no loader ran)."""
+    loader_deepcache: DeepCacheCoordinator | None = None
     default_steps: int | None = None
     """``num_inference_steps`` a loader was given: the default of ``pipe.tgate``."""
 
     def __post_init__(self) -> None:
         # checked here, so that enable and the loaders refuse the same combinations
-        if self.deepcache is not None and self.compile is not None:
+        deepcache = self.deepcache is not None or self.loader_deepcache is not None
+        if deepcache and self.compile is not None:
             raise ValueError(
                 "`compile` does not combine with `deepcache`: DeepCache's wrappers decide per step inside the compiled "
                 "region. Use one of them."
             )
-        if self.settings.auto and (self.deepcache is not None or self.compile is not None):
+        auto = self.settings.auto or (self.loader_settings is not None and self.loader_settings.auto)
+        if auto and (deepcache or self.compile is not None):
             raise ValueError(
                 "`gate_step='auto'` does not combine with `deepcache` or `compile`: it watches every cross-attention "
                 "output until the gate, which DeepCache skips and a compiled graph does not show. Use a fixed gate_step."
             )
+
+    @property
+    def tgate_call(self) -> tuple[TgateSettings, DeepCacheCoordinator | None]:
+        """What ``pipe.tgate`` runs with when its call gives no setting."""
+        if self.loader_settings is not None:
+            return self.loader_settings, self.loader_deepcache
+        return self.settings, self.deepcache
+
+    def coordinators(self) -> tuple[DeepCacheCoordinator, ...]:
+        return tuple(c for c in (self.deepcache, self.loader_deepcache) if c is not None)
 
 
 class TgateController:
@@ -74,6 +95,8 @@ class TgateController:
         self.configuration = configuration
         self.state = GenerationState(adapters.guidance_tracker(pipe, self.parts, configuration.kept))
         self._call_settings: TgateSettings | None = None
+        self._active_deepcache: DeepCacheCoordinator | None = None
+        """The DeepCache coordinator following the generation that runs (or ran last)."""
         self._tracker = GenerationTracker(pipe, self.state, self._opening)
         self._hooks: list[tuple[torch.nn.Module, TgateHook]] = []
         self._fast_blocks: list[torch.nn.Module] = []
@@ -96,7 +119,8 @@ class TgateController:
         try:
             plan_as_data = self.configuration.compile is not None
             for denoiser in self.parts.denoisers:
-                hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, GuidedArguments(denoiser.module))
+                arguments = GuidedArguments(denoiser.module, adapters.interleaved_arguments(self.pipe))
+                hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, arguments)
                 self._attach(denoiser.module, hook)
                 self.state.add_stateful_hook(hook)
                 for attention in denoiser.attentions:
@@ -123,7 +147,7 @@ class TgateController:
     def uninstall(self) -> None:
         """Remove everything ``install`` attached; safe on a partial install, and to run again."""
         self._tracker.uninstall()
-        self._set_deepcache(None)
+        self._activate_deepcache(None)
         if self._pag is not None:
             self.state.remove_listener(self._pag)
         self._set_fast_blocks(False)
@@ -141,6 +165,9 @@ class TgateController:
     def __deepcopy__(self, memo):
         raise TypeError(COPY_REFUSAL)
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(PICKLE_REFUSAL)
+
     # -- configuration ---------------------------------------------------------------------
 
     def apply(self, configuration: Configuration) -> None:
@@ -149,7 +176,7 @@ class TgateController:
             # compiled or not decides how every hook is built: build them again
             self._reinstall(configuration)
             return
-        self._set_deepcache(configuration.deepcache)
+        self._activate_deepcache(None)
         # under torch.compile inductor fuses the plain residual additions and LayerNorm itself,
         # which measured faster than calling the opaque fused op (bench/RESULTS.md)
         self._set_fast_blocks(configuration.kernels is KernelMode.AUTO and configuration.compile is None)
@@ -159,14 +186,16 @@ class TgateController:
                 hook.compile(configuration.compile)
         self.configuration = configuration
 
-    def _set_deepcache(self, coordinator: DeepCacheCoordinator | None) -> None:
-        current = self.configuration.deepcache
+    def _activate_deepcache(self, coordinator: DeepCacheCoordinator | None) -> None:
+        """Let ``coordinator`` (or none) follow the next generation; the one before is unwrapped."""
+        current = self._active_deepcache
         if current is not None and current is not coordinator:
             current.unwrap()
             self.state.remove_listener(current)
+            self._active_deepcache = None
         if coordinator is not None and coordinator is not current:
             self.state.add_listener(coordinator)
-        self.configuration = replace(self.configuration, deepcache=coordinator)
+            self._active_deepcache = coordinator
 
     def _set_fast_blocks(self, fused: bool) -> None:
         if fused and not self._fast_blocks:
@@ -186,12 +215,18 @@ class TgateController:
     # -- calls -----------------------------------------------------------------------------
 
     def _opening(self) -> Opening | None:
-        settings = self._call_settings
-        if settings is None and self.configuration.gates_plain_calls:
-            settings = self.configuration.settings
-        if settings is None:
+        configuration = self.configuration
+        if self._call_settings is not None:
+            settings, deepcache = self._call_settings, configuration.tgate_call[1]
+        elif configuration.gates_plain_calls:
+            settings, deepcache = configuration.settings, configuration.deepcache
+        else:
             return None
+        # DeepCache's wrappers an interrupted unwrap left behind go before the chains are checked
+        for coordinator in {self._active_deepcache, *configuration.coordinators()} - {None}:
+            coordinator.unwrap()
         self.keep_attached()
+        self._activate_deepcache(deepcache)
         return settings, adapters.says_guided(self.pipe)
 
     def keep_attached(self) -> None:
@@ -249,7 +284,7 @@ class TgateController:
     def _install_as(self, parts, configuration: Configuration) -> None:
         self.parts = parts
         self._pag = PagAfterGate([d.module for d in parts.denoisers]) if self._pag is not None else None
-        self.configuration = replace(configuration, deepcache=None)
+        self.configuration = configuration
         self.install()
         self.apply(configuration)
 
@@ -283,7 +318,7 @@ def configure(pipe, configuration: Configuration) -> TgateController:
     ``configuration`` was validated before, so nothing is modified on bad input."""
     controller = controller_of(pipe)
     if controller is None:
-        controller = TgateController(pipe, replace(configuration, deepcache=None))
+        controller = TgateController(pipe, configuration)
         controller.install()
         pipe.__dict__[_CONTROLLER_ATTR] = controller
     controller.apply(configuration)
@@ -324,13 +359,15 @@ def _tgate_call(
     controller = controller_of(self)
     if controller is None:
         raise RuntimeError("`pipe.tgate` was called on a pipeline that T-GATE is no longer attached to.")
-    refuse_auto_in_tgate_api(gate_step if gate_step is not None else controller.configuration.settings.gate_step)
-    settings = controller.configuration.settings.updated(
-        gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm
-    )
+    controller.state.check_free()
+    controller.state.check_not_nested()
+    defaults, _ = controller.configuration.tgate_call
+    refuse_auto_in_tgate_api(gate_step if gate_step is not None else defaults.gate_step)
+    settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     steps = num_inference_steps if num_inference_steps is not None else controller.configuration.default_steps
     if steps is not None:
-        settings.resolve_gate_step(steps)
+        # as with the reference, a gate beyond the steps is never reached (the call says so)
+        settings.resolve_gate_step(steps, beyond_allowed=True)
         kwargs["num_inference_steps"] = steps
     with controller.settings_for_one_call(settings):
         return self(*args, **kwargs)

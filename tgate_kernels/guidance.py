@@ -105,6 +105,10 @@ class DenoiserCall:
     runs: tuple[str, ...]
     replay: bool = False
     keep_for_replay: bool = False
+    run: int = 0
+    """Which run of this denoiser on these parts at this timestep within the step: a pipeline
+    that denoises several regions per step (MultiDiffusion's views, tiles) calls it once per
+    region at the same timestep, and each region keeps caches of its own."""
 
     @property
     def cut(self) -> bool:
@@ -112,11 +116,19 @@ class DenoiserCall:
         return len(self.runs) < len(self.parts) and not self.replay
 
 
-def part_rows(tensor: torch.Tensor, parts: tuple[str, ...], wanted: tuple[str, ...], merged_from: str) -> torch.Tensor:
-    """The rows of ``wanted`` parts of ``tensor`` (laid out as ``parts``); ``MERGED`` takes the
-    rows of the part ``merged_from``. A single part is a view."""
-    chunks = tensor.chunk(len(parts))
-    picked = [chunks[parts.index(merged_from if part == MERGED else part)] for part in wanted]
+def part_rows(tensor: torch.Tensor, parts: tuple[str, ...], wanted: tuple[str, ...], merged_from: str,
+              interleaved: bool = False) -> torch.Tensor:
+    """The rows of ``wanted`` parts of ``tensor`` (laid out as ``parts``, one block of rows per
+    part, or with ``interleaved`` one row per part for each image in turn), as blocks in the
+    order of ``wanted``; ``MERGED`` takes the rows of the part ``merged_from``. A single block
+    is a view."""
+    indices = [parts.index(merged_from if part == MERGED else part) for part in wanted]
+    if interleaved:
+        per_image = tensor.unflatten(0, (-1, len(parts)))
+        picked = [per_image[:, index].contiguous() for index in indices]
+    else:
+        chunks = tensor.chunk(len(parts))
+        picked = [chunks[index] for index in indices]
     return picked[0] if len(picked) == 1 else torch.cat(picked)
 
 
@@ -125,6 +137,16 @@ def spread_parts(tensor: torch.Tensor, runs: tuple[str, ...], parts: tuple[str, 
     both parts of the text pair."""
     chunks = tensor.chunk(len(runs))
     return torch.cat([chunks[runs.index(MERGED if part in TEXT_PAIR and part not in runs else part)] for part in parts])
+
+
+def timestep_identity(timestep) -> object | None:
+    """What tells two denoiser calls' timesteps apart without reading a device tensor (no
+    synchronisation): the memory a tensor timestep views, or a number's value."""
+    if isinstance(timestep, torch.Tensor):
+        return ("tensor", timestep.device, timestep.untyped_storage().data_ptr(), timestep.storage_offset())
+    if isinstance(timestep, (int, float)):
+        return ("number", float(timestep))
+    return None
 
 
 class GuidanceTracker:
@@ -137,9 +159,12 @@ class GuidanceTracker:
     its denoiser more often than that in a step guides by separate calls, the prompt's first.
     """
 
-    def __init__(self, pipeline: str, batched_parts, default_kept: str, kept_option: KeptPart, calls_per_step=lambda: 1) -> None:
+    def __init__(self, pipeline: str, batched_parts, default_kept: str, kept_option: KeptPart, calls_per_step=lambda: 1,
+                 guided_now=lambda: None) -> None:
         self.pipeline = pipeline
         self.calls_per_step = calls_per_step
+        self.guided_now = guided_now
+        """What the pipeline says of its guidance at this moment (a callback may have turned it off)."""
         self.batched_parts = batched_parts
         self.default_kept = default_kept
         self.kept_option = kept_option
@@ -149,8 +174,10 @@ class GuidanceTracker:
         self.told_unguided = False
         self.step = 0
         self._calls_this_step: dict[str, int] = {}
+        self._runs_this_step: dict[tuple, int] = {}
+        self._timesteps_this_step: list = []
         self._auxiliary_prompt_only = False
-        self._replay: dict[str, object] = {}
+        self._replay: dict[tuple[str, int], object] = {}
 
     # -- the generation ------------------------------------------------------------------
 
@@ -166,39 +193,54 @@ class GuidanceTracker:
     def step_started(self, step: int = 0) -> None:
         self.step = step
         self._calls_this_step = {}
+        self._runs_this_step = {}
+        self._timesteps_this_step = []
         self._replay = {}
 
     def end(self) -> None:
         self._replay = {}
+        self._runs_this_step = {}
+        self._timesteps_this_step = []
         self.latent_batch = None
 
     # -- one denoiser call ---------------------------------------------------------------
 
-    def open_call(self, denoiser: str, main: bool, rows: int, context: str | None, after_gate: bool) -> DenoiserCall:
+    def open_call(self, denoiser: str, main: bool, rows: int, context: str | None, after_gate: bool, timestep=None) -> DenoiserCall:
+        """``timestep`` is the call's timestep argument: calls of one denoiser on the same parts
+        at the same timestep (:func:`timestep_identity`) within a step are runs over different
+        regions, each with caches of its own; calls at other timesteps within a step (a
+        second-order solver's, PNDM's first step) share them, the last one's cached."""
         index = self._calls_this_step.get(denoiser, 0)
         self._calls_this_step[denoiser] = index + 1
         parts = self._parts_of(denoiser, main, rows, context, index)
+        run = 0
+        identity = timestep_identity(timestep)
+        if identity is not None:
+            run_key = (denoiser, parts, identity)
+            run = self._runs_this_step.get(run_key, -1) + 1
+            self._runs_this_step[run_key] = run
+            self._timesteps_this_step.append(timestep)  # alive, so that no other tensor takes its memory
         layout = self.layout
         undecided = layout is not None and layout.mode is Mode.NONE and main and self.says_guided is None
         if not after_gate or layout is None or not layout.merges:
-            return DenoiserCall(denoiser, parts, parts, keep_for_replay=undecided)
+            return DenoiserCall(denoiser, parts, parts, keep_for_replay=undecided, run=run)
         runs = layout.after_gate(parts)
         if layout.mode is not Mode.SEPARATE or parts[0] not in TEXT_PAIR:
-            return DenoiserCall(denoiser, parts, runs)
+            return DenoiserCall(denoiser, parts, runs, run=run)
         if parts[0] == layout.kept:
-            return DenoiserCall(denoiser, parts, runs, keep_for_replay=True)
-        if denoiser not in self._replay:
+            return DenoiserCall(denoiser, parts, runs, keep_for_replay=True, run=run)
+        if (denoiser, run) not in self._replay:
             raise GuidanceNotRecognised(
                 f"{self.pipeline}: after the gate the {layout.kept} call of a step runs and its result stands for the "
                 f"{parts[0]} call, but {denoiser}'s {parts[0]} call came first in this step."
             )
-        return DenoiserCall(denoiser, parts, runs, replay=True)
+        return DenoiserCall(denoiser, parts, runs, replay=True, run=run)
 
-    def keep_result(self, denoiser: str, output) -> None:
-        self._replay[denoiser] = output
+    def keep_result(self, call: DenoiserCall, output) -> None:
+        self._replay[(call.denoiser, call.run)] = output
 
-    def replayed(self, denoiser: str):
-        return self._replay[denoiser]
+    def replayed(self, call: DenoiserCall):
+        return self._replay[(call.denoiser, call.run)]
 
     # -- deciding the layout -------------------------------------------------------------
 
@@ -219,6 +261,14 @@ class GuidanceTracker:
                     stacklevel=2,
                 )
         elif main and layout.mode is Mode.BATCHED and per_latent == 1:
+            if index and self.guided_now() is not False:
+                # still guided, yet a call on one part follows the guided batch in this step
+                raise self._not_recognised(
+                    denoiser, rows,
+                    f"after call {index} of this step ran on the {len(layout.parts)} parts [{', '.join(layout.parts)}] of its "
+                    f"guided batch: an extra denoiser call per step (as self-attention guidance or attend-and-excite make), "
+                    f"which belongs to no guidance part T-GATE could merge",
+                )
             # a callback switched guidance off mid-run (diffusers' documented dynamic CFG keeps
             # the prompt's half): the prompt's part continues alone
             layout = self.layout = replace(NO_GUIDANCE, kept=layout.kept)

@@ -22,15 +22,17 @@ CARRY_PARTS = frozenset(
         # the latents and the text
         "sample", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_t5",
         "encoder_hidden_states_image", "encoder_hidden_states_mask", "encoder_attention_mask", "encoder_mask",
+        "encoder_hidden_states_1", "encoder_attention_mask_1",
         "attention_mask", "text_embedding_mask", "text_embedding_mask_t5", "pooled_projections",
         "global_hidden_states",
         # per-sample conditioning
         "timestep", "timestep_cond", "class_labels", "added_cond_kwargs", "added_time_ids", "image_meta_size",
         "style", "guidance", "fps", "ofs", "additional_t_cond", "condition_mask", "padding_mask", "video_coords",
+        "image_latents", "image_embeddings",
         # control
         "controlnet_cond", "conditioning_mask", "down_block_additional_residuals", "mid_block_additional_residual",
         "down_intrablock_additional_residuals", "controlnet_block_samples", "controlnet_single_block_samples",
-        "block_controlnet_hidden_states", "control_hidden_states",
+        "block_controlnet_hidden_states", "control_hidden_states", "control_type",
     }
 )
 """Arguments holding one row, or one equal block of rows (text states repeated per frame), per
@@ -41,11 +43,18 @@ SHARED = frozenset(
         "image_rotary_emb", "rotary_embedding", "rotary_emb", "rope_interpolation_scale", "visual_rope_pos",
         "text_rope_pos", "img_ids", "txt_ids", "img_shapes", "num_frames", "height", "width", "scale_factor",
         "sparse_params", "skip_layers", "enable_temporal_attentions", "enable_diffusion_forcing",
-        "conditioning_scale", "control_hidden_states_scale", "guess_mode", "controlnet_blocks_repeat",
+        "conditioning_scale", "control_hidden_states_scale", "guess_mode", "controlnet_blocks_repeat", "control_type_idx",
         "cross_attention_kwargs", "attention_kwargs", "joint_attention_kwargs", "return_dict",
     }
 )
 """Arguments shared by every part: positions, rotary tables, sizes, options."""
+
+CARRY_PARTS_WITHIN = {"cross_attention_kwargs": frozenset({"gligen"})}
+"""Entries of shared arguments that hold one block of rows per part (GLIGEN's grounding boxes,
+embeddings and masks)."""
+
+
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
 class UnknownDenoiserArgument(ValueError):
@@ -55,8 +64,11 @@ class UnknownDenoiserArgument(ValueError):
 class GuidedArguments:
     """The arguments of one denoiser's ``forward``, by name."""
 
-    def __init__(self, denoiser: torch.nn.Module) -> None:
+    def __init__(self, denoiser: torch.nn.Module, interleaved: frozenset[str] = frozenset()) -> None:
         self.denoiser = type(denoiser).__name__
+        self.interleaved = interleaved
+        """Arguments (``added_cond_kwargs['time_ids']``) the pipeline lays out one row per part for
+        each image in turn, ``[negative, prompt, negative, prompt, ...]``, rather than in blocks."""
         parameters = list(inspect.signature(type(denoiser).forward).parameters.values())[1:]
         self.positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.sample = self.positional[0] if self.positional else "hidden_states"
@@ -65,6 +77,14 @@ class GuidedArguments:
         named = dict(zip(self.positional, args))
         named.update(kwargs)
         return named
+
+    def timestep(self, args: tuple, kwargs: dict):
+        """The call's timestep argument (``None`` when it has none T-GATE knows)."""
+        named = self.named(args, kwargs)
+        for name in _TIMESTEP_NAMES:
+            if name in named:
+                return named[name]
+        return None
 
     def rows(self, args: tuple, kwargs: dict) -> int | None:
         """Rows of the call's latents (its batch), ``None`` for a call without them."""
@@ -87,7 +107,13 @@ class GuidedArguments:
         """The call's arguments cut to the rows of the parts in ``runs``."""
 
         def cut(name, value):
-            return _cut(name, value, parts, runs, kept) if name in CARRY_PARTS else value
+            if name in CARRY_PARTS:
+                return _cut(name, value, parts, runs, kept, self.interleaved)
+            within = CARRY_PARTS_WITHIN.get(name)
+            if within and isinstance(value, dict) and within & set(value):
+                return {key: _cut(f"{name}[{key!r}]", v, parts, runs, kept, self.interleaved) if key in within else v
+                        for key, v in value.items()}
+            return value
 
         new_args = tuple(cut(name, value) for name, value in zip(self.positional, args))
         new_args += args[len(new_args):]
@@ -104,7 +130,7 @@ def _has_rows(value, rows: int) -> bool:
     return False
 
 
-def _cut(name: str, value, parts: tuple, runs: tuple, kept: str):
+def _cut(name: str, value, parts: tuple, runs: tuple, kept: str, interleaved: frozenset[str]):
     if isinstance(value, torch.Tensor):
         if value.ndim == 0 or value.shape[0] == 1:
             return value  # broadcast over the batch
@@ -113,12 +139,12 @@ def _cut(name: str, value, parts: tuple, runs: tuple, kept: str):
                 f"`{name}` has {value.shape[0]} rows, not a whole number of rows for each of the {len(parts)} "
                 f"guidance parts ({', '.join(parts)})."
             )
-        return part_rows(value, parts, runs, kept)
+        return part_rows(value, parts, runs, kept, interleaved=name in interleaved)
     if isinstance(value, (list, tuple)) and not isinstance(value, BaseOutput):
-        converted = [_cut(name, v, parts, runs, kept) for v in value]
+        converted = [_cut(name, v, parts, runs, kept, interleaved) for v in value]
         return converted if isinstance(value, list) else tuple(converted)
     if isinstance(value, dict):
-        return {key: _cut(f"{name}[{key!r}]", v, parts, runs, kept) for key, v in value.items()}
+        return {key: _cut(f"{name}[{key!r}]", v, parts, runs, kept, interleaved) for key, v in value.items()}
     return value
 
 

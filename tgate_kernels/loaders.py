@@ -2,8 +2,9 @@
 
 ``TgateSDXLLoader(pipe, gate_step=10, num_inference_steps=25)`` (the documented usage) and
 ``TgateSDXLLoader(pipe)`` (the 1.0.0 usage) both return ``pipe`` with a ``pipe.tgate(...)``
-method; the values given to the loader are the defaults of ``pipe.tgate``. A loader leaves the
-ordinary ``pipe(...)`` call as it was unless the pipeline was also ``enable``-d.
+method; the values given to the loader are the defaults of ``pipe.tgate`` (a later loader
+replaces them). A loader leaves the ordinary ``pipe(...)`` call as it was: not gated, or, on an
+``enable``-d pipeline, gated with ``enable``'s settings and DeepCache.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_inte
     refuse_auto_in_tgate_api(gate_step)
     settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
     if num_inference_steps is not None:
+        # defaults that contradict each other are a mistake; a call's own steps may still run
+        # fewer steps than the gate (never reached, as with the reference)
         settings.resolve_gate_step(num_inference_steps)
     adapters.check_pipeline(pipe)
     controller = controller_of(pipe)
@@ -28,9 +31,9 @@ def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_inte
         pipe,
         replace(
             current,
-            settings=settings,
-            deepcache=deepcache_option(pipe, deepcache, current.deepcache),
-            default_steps=num_inference_steps if num_inference_steps is not None else current.default_steps,
+            loader_settings=settings,
+            loader_deepcache=deepcache_option(pipe, deepcache, current.loader_deepcache),
+            default_steps=num_inference_steps,
         ),
     )
     return pipe

@@ -8,6 +8,7 @@ outlives a call, also when the call raises.
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 
 
 class ConcurrentGenerationError(RuntimeError):
-    """Two threads called one T-GATE pipeline at the same time."""
+    """Two threads called one T-GATE pipeline at the same time, or a generation called its own
+    pipeline again (from a step callback)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ class GenerationState:
         """Chooses the gate while the generation runs (``gate_step="auto"``)."""
         self.last: GenerationSummary | None = None
         self._owner: int | None = None
+        self._loop_frame = None
+        """The frame of the pipeline's call whose denoising loop this generation follows: while it
+        is on its thread's stack the generation runs; once it is not, the generation was left by
+        an exception that interrupted its own closing, and the next call closes it."""
         self._cut_announced = False
         self._stateful_hooks: list = []
         self._listeners: list[StepListener] = []
@@ -101,8 +107,26 @@ class GenerationState:
         expert, a ControlNet that starts late) caches its own at its first step."""
         return self.gate_step >= 1
 
+    def _left_behind(self) -> bool:
+        """Whether the generation is open though the call that opened it is gone."""
+        owner, loop = self._owner, self._loop_frame
+        if self.plan is None or owner is None or loop is None:
+            return False
+        frame = sys._getframe() if owner == threading.get_ident() else sys._current_frames().get(owner)
+        while frame is not None:
+            if frame is loop:
+                return False
+            frame = frame.f_back
+        return True
+
+    def close_left_behind(self) -> None:
+        """Close a generation an interrupt left open (its caches, DeepCache's wrappers)."""
+        if self._left_behind():
+            self.end()
+
     def check_free(self) -> None:
         """Refuse a second generation while one runs in another thread."""
+        self.close_left_behind()
         owner = self._owner
         if self.plan is not None and owner is not None and owner != threading.get_ident():
             raise ConcurrentGenerationError(
@@ -110,9 +134,22 @@ class GenerationState:
                 "caches per pipeline, so concurrent calls are refused: give each thread its own pipeline."
             )
 
-    def begin(self, settings: TgateSettings, num_steps: int, says_guided: bool | None) -> None:
+    def check_not_nested(self) -> None:
+        """Refuse a denoising loop opened while this thread's generation runs: a call of the
+        pipeline from its own step callback would run through (and overwrite) its caches."""
+        self.close_left_behind()
+        if self.plan is not None and self._owner == threading.get_ident():
+            raise ConcurrentGenerationError(
+                f"this pipeline was called again while its T-GATE generation runs (at step {self.step} of "
+                f"{self.num_steps}; a call from its own step callback?). T-GATE keeps one generation's caches per "
+                f"pipeline, so the nested call is refused before it changes anything: make it on another pipeline "
+                f"(with its own denoiser), or after this call returns."
+            )
+
+    def begin(self, settings: TgateSettings, num_steps: int, says_guided: bool | None, loop_frame=None) -> None:
         """Open a generation of ``num_steps`` solver steps (``says_guided``: what the pipeline's
-        ``do_classifier_free_guidance`` says, ``None`` when it has none)."""
+        ``do_classifier_free_guidance`` says, ``None`` when it has none; ``loop_frame``: the frame
+        of the pipeline's call that runs the loop)."""
         self.check_free()
         gate = settings.resolve_gate_step(num_steps, beyond_allowed=True)
         self.chooser = GateChooser(settings.auto_gate, num_steps) if settings.auto else None
@@ -134,6 +171,7 @@ class GenerationState:
         self.plan_data.begin()
         self._cut_announced = False
         self._owner = threading.get_ident()
+        self._loop_frame = loop_frame
         self.plan = self._plan(0)
         if self.recorder is not None:
             self.recorder.generation_started(self)
@@ -190,6 +228,7 @@ class GenerationState:
             self.call = None
             self.settings = None
             self._owner = None
+            self._loop_frame = None
             self.chooser = None  # the outputs it compared go with the generation
             self.plan_data.release()
             self.guidance.end()

@@ -51,7 +51,15 @@ class TgateView:
 
     @property
     def settings(self):
-        return self._controller.configuration.settings
+        """The schedule plain ``pipe(...)`` calls run with on an enabled pipeline; on a pipeline
+        only a loader attached, the defaults of ``pipe.tgate``."""
+        configuration = self._controller.configuration
+        return configuration.settings if configuration.gates_plain_calls else configuration.tgate_call[0]
+
+    @property
+    def tgate_settings(self):
+        """The defaults of ``pipe.tgate``: a loader's, else ``enable``'s."""
+        return self._controller.configuration.tgate_call[0]
 
     @property
     def kernels(self):
@@ -68,7 +76,15 @@ class TgateView:
 
     @property
     def deepcache(self) -> dict | None:
-        coordinator = self._controller.configuration.deepcache
+        """DeepCache's options for the calls :attr:`settings` describes (``None``: without it)."""
+        configuration = self._controller.configuration
+        coordinator = configuration.deepcache if configuration.gates_plain_calls else configuration.tgate_call[1]
+        return None if coordinator is None else dict(coordinator.options)
+
+    @property
+    def tgate_deepcache(self) -> dict | None:
+        """DeepCache's options for ``pipe.tgate`` calls (``None``: without it)."""
+        coordinator = self._controller.configuration.tgate_call[1]
         return None if coordinator is None else dict(coordinator.options)
 
     @property

@@ -91,6 +91,10 @@ class PartCache:
         return None
 
 
+class ModuleRunsTwice(RuntimeError):
+    """An attention module ran more than once within one denoiser call."""
+
+
 class AttentionCacheHook(TgateHook):
     """Computes, caches or reuses one attention module's output as the step's plan says.
 
@@ -107,20 +111,30 @@ class AttentionCacheHook(TgateHook):
         self.denoiser = denoiser
         self.cross = cross
         self.plan_as_data = plan_as_data
-        self.cache = PartCache()
+        self.caches: dict[int, PartCache] = {}
+        """One cache per run of the denoiser within a step (:attr:`DenoiserCall.run`)."""
+        self._last_call: DenoiserCall | None = None
         self.key = f"{denoiser}.{module_name}" if module_name else f"{denoiser}.{id(self)}"
         """This hook's caches under compile are named ``{key}/{role}/{rows}/{dtype}/{device}``."""
 
     def reset_state(self, module):
-        self.cache.clear()
+        self.caches = {}
+        self._last_call = None
         return module
 
     def detached(self, module) -> None:
-        self.cache.clear()
+        self.caches = {}
+        self._last_call = None
+
+    def cache_of(self, call: DenoiserCall) -> PartCache:
+        cache = self.caches.get(call.run)
+        if cache is None:
+            cache = self.caches[call.run] = PartCache()
+        return cache
 
     def cached_for(self, call: DenoiserCall) -> torch.Tensor | None:
         """The output to reuse in ``call``, for callers that skip the module's call; recorded as a reuse."""
-        cached = self.cache.lookup(call.runs)
+        cached = self.cache_of(call).lookup(call.runs)
         if cached is not None and self.state.recorder is not None:
             self.state.recorder.attention(self.state.step, self.denoiser, self.cross, reused=True)
         return cached
@@ -132,6 +146,14 @@ class AttentionCacheHook(TgateHook):
             return self.original(*args, **kwargs)
         if self.plan_as_data:
             return self._forward_by_flags(call, *args, **kwargs)
+        if self._last_call is call:
+            raise ModuleRunsTwice(
+                f"`{self.key}` ran a second time within one call of `{self.denoiser}` (in step {state.step}): its "
+                f"runs take different slices of the input (as FreeNoise's context windows or split inference do), "
+                f"which T-GATE cannot tell apart, so it would reuse one run's output for another. Turn that option off "
+                f"to use T-GATE. The call was stopped, and this generation's caches are dropped."
+            )
+        self._last_call = call
         plan = state.plan
         action = plan.cross_attention if self.cross else plan.self_attention
         if action is AttentionAction.REUSE:
@@ -142,14 +164,14 @@ class AttentionCacheHook(TgateHook):
         if state.recorder is not None:
             state.recorder.attention(state.step, self.denoiser, self.cross, reused=False)
         if self.cross and plan.cfg_batch and state.chooser is not None and state.chooser.chosen is None:
-            state.chooser.observe((id(self), call.runs), call.runs, output)
+            state.chooser.observe((id(self), call.run, call.runs), call.runs, output)
         if action is AttentionAction.CACHE:
             if plan.average_cfg_halves:
-                self.cache.store_at_gate(output, call.runs, plan.step)
+                self.cache_of(call).store_at_gate(output, call.runs, plan.step)
             else:
-                self.cache.store(output, call.runs)
+                self.cache_of(call).store(output, call.runs)
         elif action is AttentionAction.REUSE and self.cross and state.reuse_fills_cache:
-            self.cache.store(output, call.runs)
+            self.cache_of(call).store(output, call.runs)
         return output
 
     # -- the plan as data -------------------------------------------------------------------

@@ -10,6 +10,12 @@ from diffusers.hooks import ModelHook
 from ..state import GenerationState
 
 
+PICKLE_REFUSAL = (
+    "a pipeline (or module) with T-GATE hooks cannot be pickled or saved whole with torch.save (the hooks drive this "
+    "process's generations): save the weights (`pipe.save_pretrained(...)`, `module.state_dict()`), or call "
+    "tgate_kernels.disable(pipe) first, save, then enable again."
+)
+
 COPY_REFUSAL = (
     "a pipeline (or module) with T-GATE hooks cannot be deep-copied (the copy's hooks would drive the original's "
     "generation): call tgate_kernels.disable(pipe) first, copy, then enable each pipeline."
@@ -63,3 +69,6 @@ class TgateHook(ModelHook):
 
     def __deepcopy__(self, memo):
         raise TypeError(COPY_REFUSAL)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(PICKLE_REFUSAL)

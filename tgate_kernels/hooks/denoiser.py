@@ -14,6 +14,7 @@ separate calls.
 
 from __future__ import annotations
 
+import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .. import _compat
@@ -64,11 +65,11 @@ class DenoiserHook(TgateHook):
         try:
             if specs is None:
                 # the first call of each layout runs eagerly: it makes the tensors the graph takes
-                data.bind_for_learning(sample.device)
+                data.bind_for_learning(sample.device, call.run)
                 output = self.original(*args, **kwargs)
-                self._layout_tensors[key] = data.learned()
+                self._layout_tensors[key] = data.learned(call.run)
             else:
-                output = self.compiled(data.bind(specs), *args, **kwargs)
+                output = self.compiled(data.bind(specs, call.run), *args, **kwargs)
         finally:
             data.bound = None
         data.finished(self.denoiser, state.plan, state.reuse_fills_cache)
@@ -94,7 +95,10 @@ class DenoiserHook(TgateHook):
             return self.original(*args, **kwargs)
         guidance = state.guidance
         call = guidance.open_call(
-            self.denoiser, self.main, rows, _compat.cache_context_name(self.context), after_gate=not state.plan.cfg_batch
+            self.denoiser, self.main, rows, _compat.cache_context_name(self.context), after_gate=not state.plan.cfg_batch,
+            # a user's torch.compile of the whole denoiser traces this hook: dynamo cannot read a
+            # tensor's memory, so its calls of a step are not told apart by timestep there
+            timestep=None if torch.compiler.is_compiling() else self.arguments.timestep(args, kwargs),
         )
         if len(call.parts) > 1 and not self._arguments_checked:
             # each denoiser's first guided call, whenever it comes (a ControlNet may start late)
@@ -104,7 +108,7 @@ class DenoiserHook(TgateHook):
         if state.recorder is not None:
             state.recorder.denoiser_call(state.step, RecordedCall(self.denoiser, call.parts, call.runs, rows, rows_run))
         if call.replay:
-            return guidance.replayed(self.denoiser)
+            return guidance.replayed(call)
         outer, state.call = state.call, call
         try:
             if call.cut:
@@ -117,5 +121,5 @@ class DenoiserHook(TgateHook):
         finally:
             state.call = outer
         if call.keep_for_replay:
-            guidance.keep_result(self.denoiser, output)
+            guidance.keep_result(call, output)
         return output

@@ -8,11 +8,13 @@ too). Wrapping the instance's ``progress_bar`` therefore gives the number of ste
 the current step, and an ``__exit__`` that runs also when the loop raises.
 
 ``prepare_latents`` is wrapped to learn the latent batch, against which the rows of each
-denoiser call tell how many guidance parts it carries.
+denoiser call tell how many guidance parts it carries, and ``check_inputs``, the first thing a
+pipeline's call does, to refuse a call of the pipeline from inside its own running generation.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 import torch
@@ -65,7 +67,7 @@ class GenerationTracker:
     and what the pipeline says of its guidance, or ``None`` for a plain loop.
     """
 
-    _WRAPPED = ("progress_bar", "prepare_latents")
+    _WRAPPED = ("progress_bar", "prepare_latents", "check_inputs")
 
     def __init__(self, pipe, state: GenerationState, opening: Callable[[], Opening | None]) -> None:
         self.pipe = pipe
@@ -79,15 +81,16 @@ class GenerationTracker:
         original_prepare_latents = getattr(pipe, "prepare_latents", None)
         state = self.state
 
-        def progress_bar(iterable=None, total=None):
+        def progress_bar(iterable=None, total=None, **options):
             state.check_free()
+            state.check_not_nested()
             num_steps = len(iterable) if iterable is not None else total
             opening = self.opening() if num_steps else None
             if opening is None:
-                return original_progress_bar(iterable=iterable, total=total)
-            state.begin(opening[0], int(num_steps), opening[1])
+                return original_progress_bar(iterable=iterable, total=total, **options)
             try:
-                bar = original_progress_bar(iterable=iterable, total=total)
+                state.begin(opening[0], int(num_steps), opening[1], loop_frame=sys._getframe(1))
+                bar = original_progress_bar(iterable=iterable, total=total, **options)
             except BaseException:
                 state.end()
                 raise
@@ -102,10 +105,20 @@ class GenerationTracker:
                 state.guidance.latent_batch = latents.shape[0]
             return result
 
+        original_check_inputs = getattr(pipe, "check_inputs", None)
+
+        def check_inputs(*args, **kwargs):
+            # the first thing a pipeline's call does: a nested call is refused before it changes
+            # anything of the running one (its scheduler's timesteps, its guidance scale)
+            state.check_not_nested()
+            return original_check_inputs(*args, **kwargs)
+
         self._saved = [InstanceAttributes([pipe], name) for name in self._WRAPPED]
         pipe.progress_bar = progress_bar
         if original_prepare_latents is not None:
             pipe.prepare_latents = prepare_latents
+        if callable(original_check_inputs):
+            pipe.check_inputs = check_inputs
 
     def uninstall(self) -> None:
         for saved in self._saved:
