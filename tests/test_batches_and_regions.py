@@ -198,3 +198,19 @@ def test_gligen_grounding_inputs_are_cut_with_the_batch():
     assert [record.rows_run(step) for step in record.steps] == [[4], [4], [2], [2], [2]]
     plain = build()(**call, generator=torch.Generator().manual_seed(0)).images
     assert torch.isfinite(gated).all() and 0 < max_abs_diff(gated, plain) < 1.0
+
+
+def test_single_part_calls_beside_the_guided_batch_are_refused_in_the_first_step():
+    """Attend-and-excite runs the UNet on the prompt's latents alone (gradient steps on them)
+    before its guided batch, every step."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    components = {k: v for k, v in tiny_sd().components.items() if k != "image_encoder"}
+    pipe = tgate_kernels.enable(StableDiffusionAttendAndExcitePipeline(**components), **SCHEDULE)
+    call = dict(prompt="a cat and a dog", token_indices=[2, 5], num_inference_steps=4, height=32, width=32,
+                output_type="latent", max_iter_to_alter=2, generator=torch.Generator().manual_seed(0))
+    with tgate_kernels.view(pipe).record() as record:
+        with pytest.raises((tgate_kernels.GuidanceNotRecognised, ValueError)) as info:
+            pipe(**call)
+    assert record.steps == [0]
+    assert "attend-and-excite" in str(info.value) and "separate calls [" not in str(info.value)

@@ -251,3 +251,55 @@ def test_a_denoiser_argument_t_gate_cannot_place_is_refused_at_the_first_call():
     unet.load_state_dict(sd.unet.state_dict())
     pipe = _LoopPipeline(unet, sd.scheduler, parts=2, hints=torch.zeros(2, 3))
     _refused_at_the_first_call(pipe, "UNetWithHints.forward got `hints` with 2 rows", "CARRY_PARTS")
+
+
+class _SeparateCallsPipeline(_LoopPipeline):
+    """Classifier-free guidance as two UNet calls per step (prompt, then negative), the negative
+    call with ``negative_extra`` instead of ``extra``."""
+
+    do_classifier_free_guidance = property(lambda self: True)
+
+    def __init__(self, unet, scheduler, extra, negative_extra):
+        super().__init__(unet, scheduler, parts=1)
+        self.extra_of = {"prompt": extra, "negative": negative_extra}
+
+    @torch.no_grad()
+    def __call__(self, steps=3):
+        latents = self.prepare_latents(1)
+        texts = torch.randn(2, 1, 77, 32, generator=torch.Generator().manual_seed(1))
+        self.scheduler.set_timesteps(steps)
+        with self.progress_bar(total=steps) as bar:
+            for t in self.scheduler.timesteps:
+                cond, uncond = (self.unet(latents, t, encoder_hidden_states=text, **self.extra_of[part]).sample
+                                for text, part in zip(texts, ("prompt", "negative")))
+                latents = self.scheduler.step(uncond + 5.0 * (cond - uncond), t, latents).prev_sample
+                bar.update()
+        return latents
+
+
+def test_separate_calls_that_differ_in_more_than_the_text_are_refused_at_the_first_step():
+    """A negative call that also blanks another input (WanAnimate blanks the face) guides by it
+    too; T-GATE would drop that guidance with the text's after the gate."""
+    from diffusers import UNet2DConditionModel
+
+    class UNetWithFace(UNet2DConditionModel):
+        def forward(self, sample, timestep, encoder_hidden_states, face=None, **kwargs):
+            return super().forward(sample + 0.1 * face.mean(), timestep, encoder_hidden_states, **kwargs)
+
+    sd = FAMILIES["sd"].build()
+    unet = UNetWithFace.from_config(sd.unet.config)
+    unet.load_state_dict(sd.unet.state_dict())
+    face = torch.ones(1, 3)
+    same = _SeparateCallsPipeline(unet, sd.scheduler, {"face": face}, {"face": face.clone()})
+    tgate_kernels.enable(same, gate_step=2)
+    with tgate_kernels.view(same).record() as record:
+        same(steps=4)
+    assert record.rows_run(3) == [1, 0], "after the gate the negative call gets the prompt call's result"
+    tgate_kernels.disable(same)
+    blanked = _SeparateCallsPipeline(unet, sd.scheduler, {"face": face}, {"face": face * 0 - 1})
+    plain = blanked(steps=4)
+    tgate_kernels.enable(blanked, gate_step=2)
+    with pytest.raises(ValueError, match="the negative call differs from the prompt call in `face`, not only in the text"):
+        blanked(steps=4)
+    tgate_kernels.disable(blanked)
+    assert torch.equal(blanked(steps=4), plain)

@@ -120,6 +120,25 @@ def test_a_call_from_inside_a_step_callback_is_refused_before_it_changes_the_out
     assert max_abs_diff(generate(pipe), expected) == 0.0
 
 
+def test_settings_cannot_change_while_a_generation_runs():
+    expected = generate(tgate_kernels.enable(tiny_sd(), gate_step=3))
+    pipe = tgate_kernels.enable(tiny_sd(), gate_step=3)
+    refusals = []
+
+    def reconfigure(pipe_, step, timestep, callback_kwargs):
+        for change in (lambda: tgate_kernels.enable(pipe_, gate_step=1), lambda: tgate_kernels.disable(pipe_),
+                       lambda: tgate_kernels.TgateSDLoader(pipe_, gate_step=1)):
+            try:
+                change()
+            except tgate_kernels.ConcurrentGenerationError as error:
+                refusals.append(str(error))
+        return callback_kwargs
+
+    assert max_abs_diff(generate(pipe, callback_on_step_end=reconfigure), expected) == 0.0
+    assert len(refusals) == 18 and all("while a T-GATE generation runs on it" in r for r in refusals)
+    assert tgate_kernels.view(pipe).settings.gate_step == 3
+
+
 def test_pickling_an_enabled_pipeline_is_refused_clearly_and_saving_its_weights_works(tmp_path):
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=2)
     expected = generate(pipe)

@@ -321,6 +321,8 @@ def configure(pipe, configuration: Configuration) -> TgateController:
         controller = TgateController(pipe, configuration)
         controller.install()
         pipe.__dict__[_CONTROLLER_ATTR] = controller
+    else:
+        controller.state.check_idle("change T-GATE's settings of")
     controller.apply(configuration)
     return controller
 
@@ -329,6 +331,7 @@ def remove(pipe) -> None:
     """Take T-GATE off ``pipe``; safe to run again if it was interrupted."""
     controller = controller_of(pipe)
     if controller is not None:
+        controller.state.check_idle("disable T-GATE on")
         controller.uninstall()
         pipe.__dict__.pop(_CONTROLLER_ATTR, None)
 

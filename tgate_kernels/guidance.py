@@ -177,6 +177,7 @@ class GuidanceTracker:
         self._runs_this_step: dict[tuple, int] = {}
         self._timesteps_this_step: list = []
         self._auxiliary_prompt_only = False
+        self._decided_in: tuple[int, str] | None = None
         self._replay: dict[tuple[str, int], object] = {}
 
     # -- the generation ------------------------------------------------------------------
@@ -253,6 +254,7 @@ class GuidanceTracker:
                 self._auxiliary_prompt_only = True
                 return (PROMPT,)
             layout = self.layout = self._decide(denoiser, per_latent, context)
+            self._decided_in = (self.step, denoiser)
             if self.told_unguided and layout.merges:
                 warnings.warn(
                     "T-GATE was told `lcm=True` (no classifier-free guidance), but this generation runs classifier-free "
@@ -279,6 +281,13 @@ class GuidanceTracker:
                 return (PROMPT,)
             raise self._not_recognised(denoiser, rows, f"after {len(layout.parts)} parts per latent earlier in this generation")
         if per_latent != 1:
+            if layout.mode is not Mode.BATCHED and self._decided_in == (self.step, denoiser) and context is None:
+                raise self._not_recognised(
+                    denoiser, rows,
+                    f"({per_latent} parts per latent) after an earlier call of this step ran on one part per latent: a "
+                    f"single-part denoiser call beside the guided batch (as attend-and-excite's gradient step makes), "
+                    f"which belongs to no guidance part T-GATE could merge",
+                )
             raise self._not_recognised(denoiser, rows, f"after {layout.describe()} earlier in this generation")
         if layout.mode is Mode.NONE and main and self.says_guided is None and index >= self.calls_per_step():
             layout = self.layout = GuidanceLayout(Mode.SEPARATE, (PROMPT, NEGATIVE), PROMPT)

@@ -49,6 +49,17 @@ SHARED = frozenset(
 )
 """Arguments shared by every part: positions, rotary tables, sizes, options."""
 
+TEXT = frozenset(
+    {
+        "encoder_hidden_states", "encoder_hidden_states_t5", "encoder_hidden_states_1", "encoder_attention_mask",
+        "encoder_attention_mask_1", "encoder_hidden_states_mask", "encoder_mask", "attention_mask", "text_embedding_mask",
+        "text_embedding_mask_t5", "pooled_projections", "global_hidden_states", "text_rope_pos", "txt_ids",
+        "prompt_embeds", "added_cond_kwargs",
+    }
+)
+"""Arguments through which the prompt (or the negative prompt) reaches a denoiser: the only ones
+in which separate calls per guidance part may differ."""
+
 CARRY_PARTS_WITHIN = {"cross_attention_kwargs": frozenset({"gligen"})}
 """Entries of shared arguments that hold one block of rows per part (GLIGEN's grounding boxes,
 embeddings and masks)."""
@@ -72,6 +83,39 @@ class GuidedArguments:
         parameters = list(inspect.signature(type(denoiser).forward).parameters.values())[1:]
         self.positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.sample = self.positional[0] if self.positional else "hidden_states"
+        self._first_call: tuple[str, dict] | None = None
+        self._separate_checked = False
+
+    def compare_separate_calls(self, part: str, args: tuple, kwargs: dict) -> None:
+        """With separate calls per part, refuse a call that differs from the first part's call in
+        anything but the text: that guidance would be dropped with the text's after the gate."""
+        named = {k: v for k, v in self.named(args, kwargs).items() if k not in TEXT and isinstance(v, torch.Tensor)}
+        if self._first_call is None:
+            self._first_call = (part, named)
+            return
+        first_part, first = self._first_call
+        if part == first_part or self._separate_checked:
+            return
+        self._separate_checked = True
+        for name, value in named.items():
+            other = first.get(name)
+            if other is not None and value is not other and (value.shape != other.shape or not torch.equal(value, other)):
+                if name == self.sample:
+                    raise UnknownDenoiserArgument(
+                        f"{self.denoiser}: two calls of one step ran on different latents (`{name}` differs): separate "
+                        f"calls are read as the guidance parts of one step, which all see the same latents, so these are "
+                        f"other calls (as attend-and-excite's gradient steps make), which T-GATE cannot place. The call "
+                        f"was stopped."
+                    )
+                raise UnknownDenoiserArgument(
+                    f"{self.denoiser}: the {part} call differs from the {first_part} call in `{name}`, not only in the "
+                    f"text: the pipeline guides by something else too (as a blanked face or a dropped image does), which "
+                    f"T-GATE would drop with the text's guidance after the gate. The call was stopped."
+                )
+
+    def reset(self) -> None:
+        self._first_call = None
+        self._separate_checked = False
 
     def named(self, args: tuple, kwargs: dict) -> dict:
         named = dict(zip(self.positional, args))

@@ -146,6 +146,15 @@ class GenerationState:
                 f"(with its own denoiser), or after this call returns."
             )
 
+    def check_idle(self, action: str) -> None:
+        """Refuse to ``action`` the pipeline while a generation runs on it (in any thread)."""
+        self.close_left_behind()
+        if self.plan is not None:
+            raise ConcurrentGenerationError(
+                f"cannot {action} a pipeline while a T-GATE generation runs on it (at step {self.step} of "
+                f"{self.num_steps}): its hooks drive that generation. Do it after the call returns."
+            )
+
     def begin(self, settings: TgateSettings, num_steps: int, says_guided: bool | None, loop_frame=None) -> None:
         """Open a generation of ``num_steps`` solver steps (``says_guided``: what the pipeline's
         ``do_classifier_free_guidance`` says, ``None`` when it has none; ``loop_frame``: the frame

@@ -86,6 +86,7 @@ class DenoiserHook(TgateHook):
     def reset_state(self, module):
         self.context.reset()
         self._arguments_checked = False
+        self.arguments.reset()
         return module
 
     def forward_in_generation(self, module, *args, **kwargs):
@@ -100,6 +101,10 @@ class DenoiserHook(TgateHook):
             # tensor's memory, so its calls of a step are not told apart by timestep there
             timestep=None if torch.compiler.is_compiling() else self.arguments.timestep(args, kwargs),
         )
+        layout = guidance.layout
+        if (layout is not None and layout.mode is Mode.SEPARATE and not call.replay and state.step == 0
+                and not torch.compiler.is_compiling()):
+            self.arguments.compare_separate_calls(call.parts[0], args, kwargs)
         if len(call.parts) > 1 and not self._arguments_checked:
             # each denoiser's first guided call, whenever it comes (a ControlNet may start late)
             self.arguments.check(args, kwargs, rows)
