@@ -72,6 +72,18 @@ def test_inductor_with_freezing_gives_eager_t_gates_images_over_every_phase_and_
     assert max_abs_diff(compiled, plain) > 1e-3, "T-GATE changed the images"
 
 
+def test_many_compiled_pipelines_in_one_process_each_keep_their_graphs():
+    """dynamo counts graphs against its recompile limit (8) per code object: a compiled denoiser
+    must not share that budget with the others, or the ninth graph of a process runs eagerly."""
+    expected = generate(tgate_kernels.enable(tiny_sd(), gate_step=2, kernels="off"), steps=4)
+    pipes = [tgate_kernels.enable(tiny_sd(), gate_step=2, compile=EAGER_BACKEND) for _ in range(5)]
+    for pipe in pipes:
+        graphs = _graphs()
+        generate(pipe, steps=4)
+        assert _graphs() - graphs == 2, "one graph before the gate, one after, for every pipeline"
+        assert max_abs_diff(generate(pipe, steps=4), expected) <= 1e-5
+
+
 def test_disable_restores_the_uncompiled_denoiser():
     baseline = generate(tiny_sd())
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=2, compile=EAGER_BACKEND)

@@ -303,3 +303,34 @@ def test_separate_calls_that_differ_in_more_than_the_text_are_refused_at_the_fir
         blanked(steps=4)
     tgate_kernels.disable(blanked)
     assert torch.equal(blanked(steps=4), plain)
+
+
+def test_pipelines_whose_guidance_t_gate_would_misread_are_refused_at_enable():
+    from diffusers import DPMSolverMultistepScheduler, LEditsPPPipelineStableDiffusion
+
+    sd = FAMILIES["sd"].build()
+    components = {k: v for k, v in sd.components.items() if k != "image_encoder"}
+    components["scheduler"] = DPMSolverMultistepScheduler.from_config(sd.scheduler.config, algorithm_type="sde-dpmsolver++")
+    pipe = LEditsPPPipelineStableDiffusion(**components)
+    before = set(pipe.__dict__)
+    with pytest.raises(ValueError, match="one part per edit concept, not a negative prompt and a prompt"):
+        tgate_kernels.enable(pipe)
+    with pytest.raises(ValueError, match="LEditsPPPipelineStableDiffusion"):
+        tgate_kernels.TgateSDLoader(pipe)
+    assert set(pipe.__dict__) == before and not any("_diffusers_hook" in m.__dict__ for m in pipe.unet.modules())
+
+
+def test_a_callback_switching_guidance_off_between_the_two_calls_of_a_second_order_step():
+    """Heun calls the UNet twice a solver step and the callback runs after each call: guidance
+    switched off after the first is followed from the second, not taken for an extra call."""
+    from diffusers import HeunDiscreteScheduler
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    family = FAMILIES["sd"]
+    pipe = family.build()
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    tgate_kernels.enable(pipe, gate_step=GATE)
+    with tgate_kernels.view(pipe).record() as record:
+        result = _run(pipe, family, steps=4, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=2))
+    assert np.isfinite(_output(result)).all()
+    assert record.rows_run(1) == [2, 1], "the second call of solver step 1 runs the prompt alone"

@@ -55,14 +55,33 @@ def components(pipe) -> dict[str, torch.nn.Module]:
     return {name: value for name, value in found.items() if isinstance(value, torch.nn.Module)}
 
 
+_CANNOT_READ = {
+    "Cosmos2_5_TransferPipeline": "one progress bar spans every chunk of the video, so a gate would fall inside the first "
+                                  "chunk and the later chunks would reuse its cached cross-attention",
+    "LEditsPPPipelineStableDiffusion": "its batch holds an unconditional part and one part per edit concept, not a "
+                                       "negative prompt and a prompt: dropping that guidance after the gate drops the edits",
+    "LEditsPPPipelineStableDiffusionXL": "its batch holds an unconditional part and one part per edit concept, not a "
+                                         "negative prompt and a prompt: dropping that guidance after the gate drops the edits",
+    "Kandinsky3Pipeline": "its UNet builds self-attention layers as cross-attention modules, which T-GATE would freeze "
+                          "after the gate",
+    "Kandinsky3Img2ImgPipeline": "its UNet builds self-attention layers as cross-attention modules, which T-GATE would "
+                                 "freeze after the gate",
+}
+"""Pipelines with separate cross-attention whose loop or guidance T-GATE would read wrongly."""
+
+
 def check_pipeline(pipe, *, runs: bool = False) -> None:
     """A ``TypeError`` naming ``pipe`` unless it is an object with components T-GATE could hook
-    (and, with ``runs``, a ``progress_bar`` T-GATE can follow its steps by)."""
+    (and, with ``runs``, a ``progress_bar`` T-GATE can follow its steps by); a ``ValueError`` for
+    a pipeline whose loop or guidance T-GATE would read wrongly."""
     if not hasattr(pipe, "__dict__") or (runs and not callable(getattr(pipe, "progress_bar", None))):
         raise TypeError(
             f"`pipe` must be a diffusers pipeline (an object with a `progress_bar` method and a denoiser such as "
             f"`unet` or `transformer`), got {reprlib.repr(pipe)} of type {type(pipe).__name__}."
         )
+    for name, why in _CANNOT_READ.items():
+        if _is_instance(pipe, name):
+            raise ValueError(f"T-GATE does not support {type(pipe).__name__}: {why}. Nothing was changed.")
 
 
 def pipeline_parts(pipe) -> PipelineParts:
@@ -184,4 +203,5 @@ def guidance_tracker(pipe, parts: PipelineParts, kept: KeptPart) -> GuidanceTrac
         default_kept(parts),
         kept,
         calls_per_step=lambda: int(getattr(getattr(pipe, "scheduler", None), "order", 1) or 1),
+        guided_now=lambda: says_guided(pipe),
     )

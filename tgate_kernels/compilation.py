@@ -16,6 +16,7 @@ breaks) falls back to eager with one warning naming the cause.
 
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -102,6 +103,11 @@ class CompiledForward:
         self.failure: str | None = None
         self._compiled: Callable | None = None
         self._inductor_settings: dict[str, Any] = {}
+        # dynamo keeps its graphs, and counts them against its recompile limit, per code object:
+        # each denoiser gets a code object of its own, so that many compiled denoisers in one
+        # process (several pipelines) never push one another past that limit into eager mode
+        code = CompiledForward._forward_with.__code__.replace()
+        self._forward_with = types.MethodType(types.FunctionType(code, CompiledForward._forward_with.__globals__), self)
 
     def _forward_with(self, tensors: dict, args: tuple, kwargs: dict):
         self.plan_data.bound = tensors
