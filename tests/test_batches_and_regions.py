@@ -146,7 +146,8 @@ def test_a_denoiser_run_once_per_region_keeps_each_regions_caches(compile_option
     assert max_abs_diff(again, panorama) == 0.0
 
 
-def test_a_module_run_twice_within_one_denoiser_call_is_refused_at_the_first_step():
+@pytest.mark.parametrize("compile_option", [None, {"backend": "eager"}], ids=["eager", "compiled"])
+def test_a_module_run_twice_within_one_denoiser_call_is_refused_at_the_first_step(compile_option):
     """FreeNoise runs each motion module once per window of frames within one UNet call."""
     family = FAMILIES["animatediff"]
     free_noise = dict(context_length=2, context_stride=1)
@@ -155,7 +156,7 @@ def test_a_module_run_twice_within_one_denoiser_call_is_refused_at_the_first_ste
     expected = expected(**family.call_kwargs(4)).frames
     pipe = family.build()
     pipe.enable_free_noise(**free_noise)
-    tgate_kernels.enable(pipe, **SCHEDULE)
+    tgate_kernels.enable(pipe, compile=compile_option, **SCHEDULE)
     with tgate_kernels.view(pipe).record() as record:
         with pytest.raises(RuntimeError, match="ran a second time within one call of `unet`") as info:
             pipe(**family.call_kwargs(4))

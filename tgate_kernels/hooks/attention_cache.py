@@ -144,16 +144,18 @@ class AttentionCacheHook(TgateHook):
         call = state.call
         if call is None:
             return self.original(*args, **kwargs)
+        if not torch.compiler.is_compiling():
+            # compiled graphs are traced from eager first calls, where this is seen too
+            if self._last_call is call:
+                raise ModuleRunsTwice(
+                    f"`{self.key}` ran a second time within one call of `{self.denoiser}` (in step {state.step}): its "
+                    f"runs take different slices of the input (as FreeNoise's context windows or split inference do), "
+                    f"which T-GATE cannot tell apart, so it would reuse one run's output for another. Turn that option "
+                    f"off to use T-GATE. The call was stopped, and this generation's caches are dropped."
+                )
+            self._last_call = call
         if self.plan_as_data:
             return self._forward_by_flags(call, *args, **kwargs)
-        if self._last_call is call:
-            raise ModuleRunsTwice(
-                f"`{self.key}` ran a second time within one call of `{self.denoiser}` (in step {state.step}): its "
-                f"runs take different slices of the input (as FreeNoise's context windows or split inference do), "
-                f"which T-GATE cannot tell apart, so it would reuse one run's output for another. Turn that option off "
-                f"to use T-GATE. The call was stopped, and this generation's caches are dropped."
-            )
-        self._last_call = call
         plan = state.plan
         action = plan.cross_attention if self.cross else plan.self_attention
         if action is AttentionAction.REUSE:
