@@ -118,8 +118,9 @@ class TgateController:
                 )
         try:
             plan_as_data = self.configuration.compile is not None
+            interleaved = adapters.interleaved_arguments(self.pipe)
             for denoiser in self.parts.denoisers:
-                arguments = GuidedArguments(denoiser.module, adapters.interleaved_arguments(self.pipe))
+                arguments = GuidedArguments(denoiser.module, interleaved)
                 hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, arguments)
                 self._attach(denoiser.module, hook)
                 self.state.add_stateful_hook(hook)
@@ -362,8 +363,7 @@ def _tgate_call(
     controller = controller_of(self)
     if controller is None:
         raise RuntimeError("`pipe.tgate` was called on a pipeline that T-GATE is no longer attached to.")
-    controller.state.check_free()
-    controller.state.check_not_nested()
+    controller.state.check_can_open()
     defaults, _ = controller.configuration.tgate_call
     refuse_auto_in_tgate_api(gate_step if gate_step is not None else defaults.gate_step)
     settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)

@@ -43,7 +43,8 @@ class PlanData:
         self.bound: dict[str, torch.Tensor] | None = None
         """The tensors of the denoiser call running now: what the compiled graph takes as input."""
         self._flags: dict[torch.device, torch.Tensor] = {}
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict[int, dict[str, torch.Tensor]] = {}
+        """This generation's caches, by run of the denoiser in a step, then by name."""
         self._self_cached: set[str] = set()
         self._cross_cached: set[str] = set()
 
@@ -70,27 +71,26 @@ class PlanData:
         """Before a layout's first (eager) call: every tensor of this generation so far, which
         the call may read, and the ones it creates (:meth:`buffer`). ``run``: the call's
         :attr:`~tgate_kernels.guidance.DenoiserCall.run`, whose caches are its own."""
-        prefix = f"{run}|"
-        self.bound = {FLAGS: self.flags(device), **{k[len(prefix):]: v for k, v in self._tensors.items() if k.startswith(prefix)}}
+        self.bound = {FLAGS: self.flags(device), **self._tensors.get(run, {})}
 
     def learned(self, run: int) -> dict[str, TensorSpec]:
         """After a layout's first call: the tensors its later calls take, by name."""
         bound, self.bound = self.bound or {}, None
-        self._tensors.update((f"{run}|{k}", v) for k, v in bound.items() if k != FLAGS)
+        self._tensors.setdefault(run, {}).update((k, v) for k, v in bound.items() if k != FLAGS)
         return {key: (tuple(t.shape), t.dtype, t.device) for key, t in bound.items()}
 
     def bind(self, specs: dict[str, TensorSpec], run: int) -> dict[str, torch.Tensor]:
         """Before a compiled call: its tensors, in the order it learned them (a compiled graph
         is guarded on the names, so every run has the same), made zeroed where this generation
         has not made them yet."""
-        bound = {}
+        bound, made = {}, self._tensors.setdefault(run, {})
         for key, (shape, dtype, device) in specs.items():
             if key == FLAGS:
                 bound[key] = self.flags(device)
                 continue
-            tensor = self._tensors.get(f"{run}|{key}")
+            tensor = made.get(key)
             if tensor is None or tensor.shape != shape or tensor.dtype != dtype or tensor.device != device:
-                tensor = self._tensors[f"{run}|{key}"] = torch.zeros(shape, dtype=dtype, device=device)
+                tensor = made[key] = torch.zeros(shape, dtype=dtype, device=device)
             bound[key] = tensor
         self.bound = bound
         return bound

@@ -134,10 +134,11 @@ class GenerationState:
                 "caches per pipeline, so concurrent calls are refused: give each thread its own pipeline."
             )
 
-    def check_not_nested(self) -> None:
-        """Refuse a denoising loop opened while this thread's generation runs: a call of the
-        pipeline from its own step callback would run through (and overwrite) its caches."""
-        self.close_left_behind()
+    def check_can_open(self) -> None:
+        """Refuse to open a generation while one runs: in another thread (one generation's
+        caches per pipeline), or in this one (a call of the pipeline from its own step callback
+        would run through, and overwrite, the running generation's caches)."""
+        self.check_free()
         if self.plan is not None and self._owner == threading.get_ident():
             raise ConcurrentGenerationError(
                 f"this pipeline was called again while its T-GATE generation runs (at step {self.step} of "

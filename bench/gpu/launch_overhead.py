@@ -13,29 +13,17 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
 import triton
 import triton.language as tl
+from op_profile import host_and_device_us
 
 
 @triton.jit
 def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(dst + offsets, tl.load(src + offsets, mask=offsets < n), mask=offsets < n)
-
-
-def host_us(fn, calls: int = 500) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def main() -> int:
@@ -65,7 +53,7 @@ def main() -> int:
     }
     lines = ["", "## The launch's host time (sd15 B2 N4096 D320, float16)", "", "| path | host µs |", "| --- | ---: |"]
     for name, fn in paths.items():
-        lines.append(f"| {name} | {host_us(fn):.1f} |")
+        lines.append(f"| {name} | {host_and_device_us(fn)[0]:.1f} |")
         print(lines[-1], flush=True)
     profiler = cProfile.Profile()
     profiler.enable()

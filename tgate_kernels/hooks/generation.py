@@ -82,8 +82,7 @@ class GenerationTracker:
         state = self.state
 
         def progress_bar(iterable=None, total=None, **options):
-            state.check_free()
-            state.check_not_nested()
+            state.check_can_open()
             num_steps = len(iterable) if iterable is not None else total
             opening = self.opening() if num_steps else None
             if opening is None:
@@ -110,7 +109,7 @@ class GenerationTracker:
         def check_inputs(*args, **kwargs):
             # the first thing a pipeline's call does: a nested call is refused before it changes
             # anything of the running one (its scheduler's timesteps, its guidance scale)
-            state.check_not_nested()
+            state.check_can_open()
             return original_check_inputs(*args, **kwargs)
 
         self._saved = [InstanceAttributes([pipe], name) for name in self._WRAPPED]
