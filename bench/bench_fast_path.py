@@ -17,8 +17,8 @@ import time
 import torch
 
 import tgate_kernels
-from tgate_kernels.benchmarking.architectures import architecture
-from tgate_kernels.benchmarking.denoising_loop import DenoisingLoop
+from tgate_kernels.tools.benchmarking.architectures import architecture
+from tgate_kernels.tools.benchmarking.denoising_loop import DenoisingLoop
 
 
 def measure(model: str, resolution: int, repeats: int, dtype: torch.dtype) -> dict[str, list[float]]:

@@ -9,7 +9,7 @@ Every option of ``tgate-kernels bench`` is accepted and passed through; see
 
 import sys
 
-from tgate_kernels.cli import main
+from tgate_kernels.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

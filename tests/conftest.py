@@ -53,7 +53,7 @@ TINY_ARCHITECTURES = str(Path(__file__).parent / "fixtures" / "configs" / "bench
 
 
 def tiny_architecture(name):
-    from tgate_kernels.benchmarking.architectures import architecture
+    from tgate_kernels.tools.benchmarking.architectures import architecture
 
     return architecture(name, (TINY_ARCHITECTURES,))
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.autogate import GateChooser
+from tgate_kernels.engine.autogate import GateChooser
 from tgate_kernels.schedule import AutoGate
 from fixtures.tiny_pipelines import tiny_sd
 

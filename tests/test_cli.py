@@ -9,8 +9,8 @@ import sys
 import pytest
 from PIL import Image
 
-from tgate_kernels import cli
-from tgate_kernels.benchmarking.fidelity import tile_size
+from tgate_kernels.tools import cli
+from tgate_kernels.tools.benchmarking.fidelity import tile_size
 
 from conftest import TINY_ARCHITECTURES
 

@@ -53,7 +53,7 @@ def test_schedules_add_no_graph_and_the_result_is_eager_t_gates(factory, extra):
 
 @pytest.mark.slow
 def test_inductor_with_freezing_gives_eager_t_gates_images_over_every_phase_and_call():
-    from tgate_kernels.controller import controller_of
+    from tgate_kernels.engine.installation import controller_of
 
     # 7 steps: warm-up (0), self-attention cached (1, 2) and reused (3) before the gate, the gate
     # step (4), cross-attention reused with self-attention reused (5) and cached (6) after it
@@ -149,7 +149,7 @@ def test_compile_with_deepcache_or_offloading_is_refused():
 
 
 def test_a_switch_to_compile_that_fails_keeps_the_previous_hooks(monkeypatch):
-    from tgate_kernels.controller import TgateController
+    from tgate_kernels.engine.installation import TgateController
 
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=2)
     expected = generate(pipe)

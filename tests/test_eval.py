@@ -1,4 +1,4 @@
-"""``tgate_kernels.evaluation``: comparing two folders of generated images, offline on the CPU.
+"""``tgate_kernels.tools.evaluation``: comparing two folders of generated images, offline on the CPU.
 
 The folders are written here: a few 32x32 RGB PNGs and their ``metadata.jsonl``. FID runs with a
 tiny fixed feature extractor (torchmetrics' custom-module option), the CLIP score with a tiny
@@ -19,7 +19,7 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 
-from tgate_kernels.evaluation import evaluate, render, write_report  # noqa: E402
+from tgate_kernels.tools.evaluation import evaluate, render, write_report  # noqa: E402
 
 SIZE = 32
 

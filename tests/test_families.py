@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.guidance import MERGED, Mode
+from tgate_kernels.engine.guidance import MERGED, Mode
 from fixtures.families import FAMILIES, GATED, REFUSED
 
 from conftest import max_abs_diff

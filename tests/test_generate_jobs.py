@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tgate_kernels import cli
-from tgate_kernels.jobs.folder import OutputFolder
+from tgate_kernels.tools import cli
+from tgate_kernels.tools.jobs.folder import OutputFolder
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow star", "two purple dots"]
 

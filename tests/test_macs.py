@@ -5,15 +5,15 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 import tgate_kernels
-from tgate_kernels.benchmarking.architectures import architecture, architectures
-from tgate_kernels.benchmarking.macs import (
+from tgate_kernels.tools.benchmarking.architectures import architecture, architectures
+from tgate_kernels.tools.benchmarking.macs import (
     MacsCount,
     count_macs,
     forward_breakdown,
     generation_macs,
     planned_generation_macs,
 )
-from tgate_kernels.benchmarking.params import denoiser_params
+from tgate_kernels.tools.benchmarking.params import denoiser_params
 from tgate_kernels.schedule import AttentionAction, TgateSettings, plan_generation
 
 from conftest import TINY_ARCHITECTURES, tiny_architecture
@@ -96,7 +96,7 @@ def test_published_sd15_baseline_and_reference_schedule_reproduced():
 def test_video_and_dit_configs_count_what_the_engine_skips():
     """The Sana, Wan 2.1 and LTX-Video rows: the engine's count equals the schedule's, and the
     parameter counts are those of the released checkpoints."""
-    from tgate_kernels.benchmarking.architectures import architecture
+    from tgate_kernels.tools.benchmarking.architectures import architecture
 
     expected_params = {"sana-1600m": 1.604e9, "wan21-1.3b": 1.419e9, "ltx-video": 1.923e9}
     for name, params in expected_params.items():
@@ -123,7 +123,7 @@ def test_params_of_the_real_configs_match_the_published_table():
 
 
 def test_every_shipped_config_builds_on_meta():
-    from tgate_kernels.attention_modules import hookable_attentions
+    from tgate_kernels.engine.attention_modules import hookable_attentions
 
     for arch in architectures((TINY_ARCHITECTURES,)).values():
         model = arch.build_denoiser("meta")
@@ -131,7 +131,7 @@ def test_every_shipped_config_builds_on_meta():
 
 
 def test_enable_takes_the_loop_driver():
-    from tgate_kernels.benchmarking.denoising_loop import DenoisingLoop
+    from tgate_kernels.tools.benchmarking.denoising_loop import DenoisingLoop
 
     arch = tiny_architecture("tiny-sd")
     loop = DenoisingLoop(arch, arch.build_denoiser("meta"), cfg=True)
@@ -144,9 +144,9 @@ def test_enable_takes_the_loop_driver():
 def test_counts_scale_with_the_batch_in_both_columns():
     """On ``meta`` SDXL's linear ``proj_in`` runs as ``bmm`` at batch 2 but ``mm`` at batch 1;
     telling scores by operator type once moved those MACs into the scores column."""
-    from tgate_kernels.benchmarking.architectures import architecture
-    from tgate_kernels.benchmarking.denoising_loop import denoiser_inputs
-    from tgate_kernels.benchmarking.macs import count_macs
+    from tgate_kernels.tools.benchmarking.architectures import architecture
+    from tgate_kernels.tools.benchmarking.denoising_loop import denoiser_inputs
+    from tgate_kernels.tools.benchmarking.macs import count_macs
 
     arch = architecture("sdxl")
     unet = arch.build_denoiser("meta")
@@ -160,7 +160,7 @@ def test_counts_scale_with_the_batch_in_both_columns():
 
 
 def test_attention_scores_are_counted_from_the_attention_call():
-    from tgate_kernels.benchmarking.macs import count_macs
+    from tgate_kernels.tools.benchmarking.macs import count_macs
 
     q = torch.zeros(2, 3, 10, 4, device="meta")
     k = torch.zeros(2, 3, 7, 4, device="meta")

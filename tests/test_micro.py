@@ -1,6 +1,6 @@
 """The micro world: a deterministic captioned generator, its classifier and the shipped pipelines.
 
-The bounds below are what the shipped weights (``tgate_kernels/micro/weights``) measured, minus a
+The bounds below are what the shipped weights (``tgate_kernels/tools/micro/weights``) measured, minus a
 margin for other CPUs and library versions; the measured values are in the comments.
 """
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.micro import world
-from tgate_kernels.micro.adherence import (
+from tgate_kernels.tools.micro import world
+from tgate_kernels.tools.micro.adherence import (
     MICRO_CALL,
     WEIGHTS,
     AttributeClassifier,
@@ -20,7 +20,7 @@ from tgate_kernels.micro.adherence import (
     load_classifier,
     load_micro_pipeline,
 )
-from tgate_kernels.micro.world import EVAL_PROMPTS, Attributes, Thing, caption, dataset, parse_caption, render
+from tgate_kernels.tools.micro.world import EVAL_PROMPTS, Attributes, Thing, caption, dataset, parse_caption, render
 
 # Disjoint from the streams the models were trained on (see train._stream).
 HELD_OUT_SEED = 20240613

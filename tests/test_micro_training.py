@@ -1,14 +1,14 @@
 """``train-micro``'s trainers: repeatable given the seed, different for another seed, and what they
 write loads with ``from_pretrained`` and runs gated (a few steps each: the shipped weights took
-the full runs, see tgate_kernels/micro/weights/*/README.md)."""
+the full runs, see tgate_kernels/tools/micro/weights/*/README.md)."""
 
 import numpy as np
 import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.micro import train
-from tgate_kernels.micro.adherence import MICRO_CALL
+from tgate_kernels.tools.micro import train
+from tgate_kernels.tools.micro.adherence import MICRO_CALL
 
 FEW = dict(steps=2, batch_size=4, samples=32)
 

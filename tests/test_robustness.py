@@ -280,7 +280,7 @@ def test_an_interrupt_while_deepcache_wraps_leaves_nothing_behind(where):
 
 
 def test_an_interrupt_while_deepcache_unwraps_is_completed_by_disable():
-    from tgate_kernels.snapshot import InstanceAttributes
+    from tgate_kernels.engine.snapshot import InstanceAttributes
 
     baseline = _call(tiny_sd())
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=GATE, deepcache=DEEPCACHE)
@@ -300,7 +300,7 @@ def _every_point(owner, name, work) -> range:
 
 
 def test_a_failure_at_any_point_of_enable_leaves_the_pipeline_as_it_was():
-    import tgate_kernels.controller as controller
+    import tgate_kernels.engine.installation as controller
 
     baseline = _call(tiny_sd())
     points = _every_point(controller, "attach", lambda: tgate_kernels.enable(tiny_sd(), deepcache=DEEPCACHE))
@@ -316,7 +316,7 @@ def test_a_failure_at_any_point_of_enable_leaves_the_pipeline_as_it_was():
 
 
 def test_a_failure_at_any_point_of_disable_is_completed_by_a_second_disable():
-    import tgate_kernels.controller as controller
+    import tgate_kernels.engine.installation as controller
 
     baseline = _call(tiny_sd())
     points = _every_point(controller, "detach", lambda: tgate_kernels.disable(tgate_kernels.enable(tiny_sd())))
@@ -409,7 +409,7 @@ def test_an_interrupt_at_any_line_run_around_a_deepcache_generation_leaves_the_p
 def test_nothing_of_a_generation_outlives_it():
     """The caches, the auto gate's saved outputs and the compiled path's tensors go with the
     generation, whether it ends or raises."""
-    from tgate_kernels.controller import controller_of
+    from tgate_kernels.engine.installation import controller_of
 
     for options in (dict(gate_step="auto"), dict(gate_step=GATE, compile={"backend": "eager"})):
         pipe = tgate_kernels.enable(tiny_sd(), **options)

@@ -6,7 +6,7 @@ a gate step, drop classifier-free guidance after it and cache self-attention on 
 
 from ._compat import check_private_api
 from .api import disable, enable, enabled, is_enabled, view
-from .guidance import GuidanceNotRecognised, KeptPart
+from .engine.guidance import GuidanceNotRecognised, KeptPart
 from .loaders import (
     TgatePixArtAlphaLoader,
     TgatePixArtLoader,
@@ -17,9 +17,9 @@ from .loaders import (
     TgateSDXLLoader,
     TgateSVDLoader,
 )
-from .options import KernelMode
+from .config import KernelMode
 from .schedule import AttentionAction, AutoGate, StepPlan, TgateSettings, plan_generation, plan_step
-from .state import ConcurrentGenerationError
+from .engine.generation import ConcurrentGenerationError
 from .view import TgateView
 
 check_private_api()

@@ -12,12 +12,12 @@ import dataclasses
 from dataclasses import replace
 from typing import Iterator
 
-from . import adapters
-from .controller import Configuration, configure, controller_of, remove
-from .compilation import CompileSettings
-from .deepcache import DeepCacheCoordinator
-from .guidance import KeptPart
-from .options import KernelMode, choose
+from .families import registry as adapters
+from .engine.installation import Configuration, configure, controller_of, remove
+from .engine.compilation import CompileSettings
+from .engine.deepcache import DeepCacheCoordinator
+from .engine.guidance import KeptPart
+from .config import KernelMode, choose
 from .schedule import AutoGate, TgateSettings
 from .view import TgateView
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import adapters
+from .families import registry as adapters
 from .api import deepcache_option
-from .controller import Configuration, configure, controller_of, refuse_auto_in_tgate_api
+from .engine.installation import Configuration, configure, controller_of, refuse_auto_in_tgate_api
 from .schedule import TgateSettings
 
 

@@ -30,7 +30,7 @@ import math
 import numbers
 from dataclasses import dataclass, replace
 
-from .options import check_int
+from .config import check_int
 
 
 class AttentionAction(enum.Enum):

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .attention_modules import AttentionKind
-from .recording import StepRecorder
+from .engine.attention_modules import AttentionKind
+from .engine.recording import StepRecorder
 
 if TYPE_CHECKING:
-    from .controller import TgateController
+    from .engine.installation import TgateController
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def bandwidth() -> list[str]:
 
 
 def end_to_end(model: str, resolution: int, compile: bool) -> list:
-    from tgate_kernels.benchmarking.suite import BenchOptions, run_bench
+    from tgate_kernels.tools.benchmarking.suite import BenchOptions, run_bench
 
     options = BenchOptions(
         models=[], latency_models=[model], resolution=resolution, steps=25, gate_steps=[10], repeats=3,

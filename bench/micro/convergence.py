@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgate_kernels.micro.adherence import MICRO_CALL, load_micro_pipeline
-from tgate_kernels.micro.world import EVAL_PROMPTS
+from tgate_kernels.tools.micro.adherence import MICRO_CALL, load_micro_pipeline
+from tgate_kernels.tools.micro.world import EVAL_PROMPTS
 
 PIPELINES = ("sd", "pixart")
 # Steps over which "early" and "late" change are averaged in the summary.
@@ -83,7 +83,7 @@ def markdown(results: dict[str, dict[str, np.ndarray]], timesteps: dict[str, lis
         "",
         "T-GATE caches cross-attention after a gate step because, in trained text-to-image models, its output",
         "stops changing early in sampling.  This checks that the micro pipelines (trained by",
-        "`tgate-kernels train-micro`, shipped in `tgate_kernels/micro/weights/`) show that: the relative",
+        "`tgate-kernels train-micro`, shipped in `tgate_kernels/tools/micro/weights/`) show that: the relative",
         "change ||A_t - A_{t-1}|| / ||A_{t-1}|| of every cross-attention output (modules with",
         "`is_cross_attention`), per image and averaged over the 48 `EVAL_PROMPTS`, over one generation of",
         f"{call['num_inference_steps']} DDIM steps with guidance {call['guidance_scale']} (`MICRO_CALL`), seed 0.",

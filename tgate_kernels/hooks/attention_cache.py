@@ -3,9 +3,9 @@
 The hook never re-implements attention: the cached value is exactly what the module's own
 forward (its processor, IP-Adapter's, a LoRA's, any attention backend) returned. Whether the
 module is self- or cross-attention was decided when T-GATE was enabled
-(:mod:`tgate_kernels.attention_modules`).
+(:mod:`tgate_kernels.engine.attention_modules`).
 
-Outputs are cached by guidance part (:mod:`tgate_kernels.guidance`): a call running the negative
+Outputs are cached by guidance part (:mod:`tgate_kernels.engine.guidance`): a call running the negative
 and prompt halves caches both; separate calls cache one part each; at the gate the two parts of
 the text pair are merged into their mean, the value every call after the gate reuses.
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import plan_data
-from ..guidance import MERGED, NEGATIVE, PROMPT, TEXT_PAIR, DenoiserCall, Mode
+from ..engine import plan_data
+from ..engine.guidance import MERGED, NEGATIVE, PROMPT, TEXT_PAIR, DenoiserCall, Mode
 from ..schedule import AttentionAction
-from ..state import GenerationState
+from ..engine.generation import GenerationState
 from .base import TgateHook
 
 
@@ -99,7 +99,7 @@ class AttentionCacheHook(TgateHook):
     """Computes, caches or reuses one attention module's output as the step's plan says.
 
     With ``plan_as_data`` (a denoiser T-GATE compiles) it follows the plan's flags instead, in
-    code ``torch.compile`` can trace once for every step (:mod:`tgate_kernels.plan_data`); the
+    code ``torch.compile`` can trace once for every step (:mod:`tgate_kernels.engine.plan_data`); the
     first call of each layout runs it eagerly, which creates the buffers the graph then updates.
     """
 

@@ -7,7 +7,7 @@ from typing import Callable, ClassVar
 
 from diffusers.hooks import ModelHook
 
-from ..state import GenerationState
+from ..engine.generation import GenerationState
 
 
 PICKLE_REFUSAL = (

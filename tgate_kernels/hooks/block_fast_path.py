@@ -19,7 +19,7 @@ from diffusers.models.attention import BasicTransformerBlock
 
 from .. import _compat, ops
 from ..schedule import AttentionAction
-from ..state import GenerationState
+from ..engine.generation import GenerationState
 from .attention_cache import AttentionCacheHook
 from .base import TgateHook
 

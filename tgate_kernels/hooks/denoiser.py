@@ -1,7 +1,7 @@
 """Dropping classifier-free guidance after the gate, around each denoiser.
 
 The pipeline still builds its guided inputs after the gate. For a batched call this hook runs the
-denoiser on the rows of the parts that still run (:mod:`tgate_kernels.guided_arguments` knows
+denoiser on the rows of the parts that still run (:mod:`tgate_kernels.engine.guided_arguments` knows
 which inputs carry them) and lays the result out again for every part, so the pipeline's own
 guidance arithmetic collapses to the kept part's prediction. For separate calls, the call of the
 merged-away part is not run at all: it gets the kept call's result. No copy of any pipeline's
@@ -18,11 +18,11 @@ import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .. import _compat
-from ..compilation import CompiledForward, CompileSettings
-from ..guidance import Mode
-from ..guided_arguments import GuidedArguments, spread_output
-from ..recording import RecordedCall
-from ..state import GenerationState
+from ..engine.compilation import CompiledForward, CompileSettings
+from ..engine.guidance import Mode
+from ..engine.guided_arguments import GuidedArguments, spread_output
+from ..engine.recording import RecordedCall
+from ..engine.generation import GenerationState
 from .base import TgateHook
 
 

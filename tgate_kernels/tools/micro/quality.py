@@ -1,0 +1,256 @@
+"""How good T-GATE's images are, measured offline on the micro world's trained pipelines.
+
+For one shipped micro pipeline, the same prompts and seeds are generated without T-GATE and with
+each variant: fixed gate steps, fixed gates with DeepCache (UNet pipelines), and
+``gate_step="auto"``. Each variant gets
+
+- prompt adherence: the fraction of images in which the micro world's classifier reads every
+  attribute the prompt asked for, and the mean fraction of the attributes it reads (partial
+  credit, which separates a model that gets the colour and place right but the shape wrong);
+- PSNR and SSIM against the ungated image of the same prompt and seed (scikit-image);
+- FID between the variant's images and the ungated ones (torchmetrics'
+  ``FrechetInceptionDistance`` on the classifier's penultimate features, since InceptionV3 knows
+  nothing of 32x32 shapes and would have to be downloaded);
+- the MACs ratio: the denoiser's multiply-accumulates over all its images, counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` while they are generated, over the ungated count.
+
+Attention runs through PyTorch's math backend while counting, so the attention scores are
+counted too (the CPU's fused attention kernel has no FLOP formula); every variant, the ungated one
+included, runs the same way, so the comparisons are like for like.
+
+An ungated run with other seeds gives the floor of FID and the sampling noise of adherence: a
+variant is indistinguishable from the ungated pipeline when it is as close as a second ungated
+sample is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ... import api
+from ...engine.autogate import GateChooser
+from ..benchmarking.fidelity import fidelity
+from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline
+from .world import EVAL_PROMPTS
+
+DEFAULT_GATES: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16)
+"""Fixed gate steps of the sweep, out of the micro pipelines' 20 steps."""
+DEEPCACHE_OPTIONS = {"cache_interval": 3, "cache_branch_id": 0}
+OTHER_SEEDS_OFFSET = 1_000_003
+"""Offset of the second ungated sample's seeds."""
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    model: str
+    variant: str
+    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N + DeepCache`` or ``auto``."""
+    kind: str
+    """``ungated``, ``floor``, ``fixed``, ``deepcache`` or ``auto``."""
+    gate_step: float | None
+    """The fixed gate, or the mean of the gates ``auto`` chose (``None`` ungated)."""
+    adherence: float
+    psnr: float | None
+    """Mean over the images whose PSNR is finite (``None`` when every image is identical)."""
+    ssim: float
+    fid: float
+    macs_ratio: float
+    images: int
+    gates_chosen: tuple[int, ...] = ()
+    """``auto``: the gate chosen for each batch."""
+    attribute_adherence: float | None = None
+    """The mean fraction of each prompt's attributes shown (partial credit per image)."""
+
+
+@dataclass(frozen=True)
+class AutoOverhead:
+    """Time spent choosing the gate (``GateChooser.observe`` and ``step_done``) over the time of
+    the generations it ran in, with the ordinary attention backend and nothing counted."""
+
+    model: str
+    steps: int
+    generation_seconds: float
+    chooser_seconds: float
+
+    @property
+    def fraction(self) -> float:
+        return self.chooser_seconds / self.generation_seconds
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    gates: tuple[int, ...] = DEFAULT_GATES
+    images_per_prompt: int = 4
+    batch_size: int = 8
+    seed: int = 0
+    deepcache: bool = True
+    auto_gate: dict | None = None
+    prompts: tuple[str, ...] = EVAL_PROMPTS
+
+
+class ClassifierFeatures(torch.nn.Module):
+    """The attribute classifier's penultimate features of [0, 1] images, as FID's extractor."""
+
+    def __init__(self, classifier: AttributeClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.config["hidden"]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float() * 2 - 1)
+
+
+@dataclass
+class _Generated:
+    images: np.ndarray
+    macs: int
+    gates_chosen: list[int]
+
+
+def _denoiser(pipe) -> torch.nn.Module:
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> _Generated:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    denoiser = type(_denoiser(pipe)).__name__
+    images, macs, chosen = [], 0, []
+    for start in range(0, len(prompts), batch_size):
+        batch = slice(start, start + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[batch]]
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            images.append(pipe(list(prompts[batch]), generator=generators, output_type="np", **MICRO_CALL[name]).images)
+        macs += sum(counter.get_flop_counts().get(denoiser, {}).values()) // 2
+        view = api.view(pipe)
+        if view is not None and view.settings.auto:
+            chosen.append(view.last_generation.gate_step)
+    return _Generated(np.concatenate(images), macs, chosen)
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+
+
+def _closeness(reference: np.ndarray, images: np.ndarray) -> tuple[float | None, float]:
+    scores = [fidelity(_pil(a), _pil(b)) for a, b in zip(reference, images)]
+    finite = [psnr for psnr, _ in scores if np.isfinite(psnr)]
+    return (statistics.fmean(finite) if finite else None), statistics.fmean(ssim for _, ssim in scores)
+
+
+def _fid(features: ClassifierFeatures, reference: np.ndarray, images: np.ndarray) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=features, normalize=True)
+    as_tensor = lambda array: torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float()  # noqa: E731
+    metric.update(as_tensor(reference), real=True)
+    metric.update(as_tensor(images), real=False)
+    return float(metric.compute())
+
+
+def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, dict]]:
+    variants = [(f"gate {gate}", "fixed", {"gate_step": gate}) for gate in settings.gates if gate < steps]
+    if settings.deepcache and unet:
+        variants += [(f"gate {gate} + DeepCache", "deepcache", {"gate_step": gate, "deepcache": dict(DEEPCACHE_OPTIONS)})
+                     for gate in settings.gates if gate < steps]
+    variants.append(("auto", "auto", {"gate_step": "auto", "auto_gate": settings.auto_gate}))
+    return variants
+
+
+def measure_quality(name: str, settings: QualitySettings = QualitySettings(), progress=None) -> list[QualityRow]:
+    """The quality table of the shipped micro pipeline ``name`` (``"sd"`` or ``"pixart"``)."""
+    pipe = load_micro_pipeline(name)
+    classifier = load_classifier()
+    features = ClassifierFeatures(classifier)
+    steps = MICRO_CALL[name]["num_inference_steps"]
+    prompts = [prompt for prompt in settings.prompts for _ in range(settings.images_per_prompt)]
+    seeds = [settings.seed + index for index in range(len(prompts))]
+    say = progress or (lambda message: None)
+
+    say(f"{name}: ungated")
+    ungated = _generate(pipe, name, prompts, seeds, settings.batch_size)
+    whole, partial = adherence_scores(prompts, ungated.images, classifier)
+    rows = [QualityRow(name, "ungated", "ungated", None, whole, None, 1.0, 0.0, 1.0, len(prompts), attribute_adherence=partial)]
+
+    def row(variant: str, kind: str, gate: float | None, generated: _Generated) -> QualityRow:
+        psnr, ssim = _closeness(ungated.images, generated.images)
+        whole, partial = adherence_scores(prompts, generated.images, classifier)
+        return QualityRow(
+            name, variant, kind, gate, whole, psnr, ssim, _fid(features, ungated.images, generated.images),
+            generated.macs / ungated.macs, len(prompts), tuple(generated.gates_chosen), partial,
+        )
+
+    say(f"{name}: ungated, other seeds")
+    other = _generate(pipe, name, prompts, [seed + OTHER_SEEDS_OFFSET for seed in seeds], settings.batch_size)
+    rows.append(row("ungated, other seeds", "floor", None, other))
+    for variant, kind, options in _variants(settings, steps, getattr(pipe, "unet", None) is not None):
+        say(f"{name}: {variant}")
+        api.enable(pipe, **options)
+        try:
+            generated = _generate(pipe, name, prompts, seeds, settings.batch_size)
+        finally:
+            api.disable(pipe)
+        chosen = generated.gates_chosen
+        gate = (statistics.fmean(chosen) if chosen else None) if kind == "auto" else options["gate_step"]
+        rows.append(row(variant, kind, gate, generated))
+    return rows
+
+
+def measure_auto_overhead(name: str, settings: QualitySettings = QualitySettings(), generations: int = 3) -> AutoOverhead:
+    """How much of ``gate_step="auto"``'s generations is spent deciding the gate."""
+    pipe = load_micro_pipeline(name)
+    prompts = list(settings.prompts[: settings.batch_size])
+    spent = [0.0]
+
+    def timed(method):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return run
+
+    def generate(seed: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            pipe(prompts, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **MICRO_CALL[name])
+        return time.perf_counter() - start
+
+    originals = {attribute: getattr(GateChooser, attribute) for attribute in ("observe", "step_done")}
+    api.enable(pipe, gate_step="auto", auto_gate=settings.auto_gate)
+    try:
+        generate(settings.seed)  # first-call allocations are not the chooser's
+        for attribute, method in originals.items():
+            setattr(GateChooser, attribute, timed(method))
+        total = sum(generate(settings.seed + 1 + generation) for generation in range(generations))
+    finally:
+        for attribute, method in originals.items():
+            setattr(GateChooser, attribute, method)
+        api.disable(pipe)
+    return AutoOverhead(name, MICRO_CALL[name]["num_inference_steps"], total, spent[0])
+
+
+def dominating(auto: QualityRow, rows: Sequence[QualityRow]) -> list[QualityRow]:
+    """Fixed gates with both higher adherence and fewer MACs than ``auto`` (empty: auto is on or
+    above the fixed-gate Pareto front)."""
+    return [row for row in rows if row.kind == "fixed" and row.adherence > auto.adherence and row.macs_ratio < auto.macs_ratio]
+
+
+def as_json(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settings: QualitySettings) -> dict[str, Any]:
+    return {
+        "settings": {**dataclasses.asdict(settings), "prompts": len(settings.prompts)},
+        "rows": [dataclasses.asdict(row) for row in rows],
+        "auto_overhead": [{**dataclasses.asdict(overhead), "fraction": overhead.fraction} for overhead in overheads],
+    }
