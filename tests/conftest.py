@@ -80,6 +80,20 @@ def output_of(result) -> np.ndarray:
     return np.asarray(result, dtype=np.float64)
 
 
+def hooked_modules(pipe) -> tuple:
+    """Every module T-GATE attached a hook to on ``pipe``."""
+    from tgate_kernels.engine.installation import controller_of
+
+    return tuple(module for module, _ in controller_of(pipe).hooks)
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo compiled in this process so far (its ``unique_graphs`` counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def max_abs_diff(a, b) -> float:
     return float(np.abs(output_of(a) - output_of(b)).max())
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels import _compat
 from fixtures.tiny_pipelines import tiny_pixart_alpha, tiny_sd
 
-from conftest import generate, max_abs_diff
+from conftest import generate, max_abs_diff, compiled_graph_count
 
 EAGER_BACKEND = {"backend": "eager"}
 
@@ -27,7 +26,7 @@ def fresh_dynamo():
 
 
 def _graphs() -> int:
-    return _compat.compiled_graph_count()
+    return compiled_graph_count()
 
 
 @pytest.mark.parametrize("factory, extra", [(tiny_sd, {}), (tiny_pixart_alpha, {"clean_caption": False, "height": 256, "width": 256})])
@@ -62,7 +61,7 @@ def test_inductor_with_freezing_gives_eager_t_gates_images_over_every_phase_and_
     pipe = tgate_kernels.enable(tiny_sd(), compile=True, **schedule)
     assert tgate_kernels.view(pipe).compile.backend == "inductor"
     graphs = _graphs()
-    plan_data = controller_of(pipe).state.plan_data
+    plan_data = controller_of(pipe).state.context.plan_data
     for call in range(3):
         compiled = generate(pipe, steps=7)
         assert max_abs_diff(compiled, eager) <= 1e-4, f"call {call}"
@@ -156,7 +155,7 @@ def test_a_switch_to_compile_that_fails_keeps_the_previous_hooks(monkeypatch):
     original, installs = TgateController.install, []
 
     def interrupted_once(self):
-        installs.append(self.configuration.compile)
+        installs.append(self.configuration.config.compile)
         if len(installs) == 1:
             raise KeyboardInterrupt
         return original(self)
@@ -175,4 +174,4 @@ def test_the_loaders_refuse_what_enable_refuses():
     pipe = tgate_kernels.enable(tiny_sd(), gate_step=2, compile=EAGER_BACKEND)
     with pytest.raises(ValueError, match="`compile` does not combine with `deepcache`"):
         tgate_kernels.TgateSDDeepCacheLoader(pipe)
-    assert tgate_kernels.view(pipe).settings.gate_step == 2 and tgate_kernels.view(pipe).compile is not None
+    assert tgate_kernels.view(pipe).config.gate_step == 2 and tgate_kernels.view(pipe).compile is not None

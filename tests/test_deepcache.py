@@ -158,6 +158,6 @@ def test_a_plain_loader_after_a_deepcache_loader_is_t_gate_alone():
     pipe = tgate_kernels.TgateSDDeepCacheLoader(tiny_sd(), cache_interval=2, cache_branch_id=0)
     tgate_kernels.TgateSDLoader(pipe, gate_step=3)
     view = tgate_kernels.view(pipe)
-    assert view.deepcache is None and view.settings.sp_interval == 5
+    assert view.deepcache is None and view.config.sp_interval == 5
     expected = tgate_kernels.TgateSDLoader(tiny_sd(), gate_step=3).tgate(**call())
     assert _diff(pipe.tgate(**call()), expected) == 0.0

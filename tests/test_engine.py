@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import tgate_kernels
-from tgate_kernels.schedule import AttentionAction, TgateSettings, plan_generation
+from tgate_kernels.config import TgateConfig
+from tgate_kernels.schedule import AttentionAction, plan_generation
 from fixtures.tiny_pipelines import tiny_sd, tiny_sdxl
 
-from conftest import FACTORIES, NEGATIVE, PROMPTS, REFERENCE_LOADERS, generate, max_abs_diff
+from conftest import FACTORIES, NEGATIVE, PROMPTS, REFERENCE_LOADERS, generate, max_abs_diff, hooked_modules
 
 
 def reference_images(tgate, family, scheduler=None, *, steps=6, **settings):
@@ -74,7 +75,7 @@ def test_prompt_embeds_inputs_match_prompt_strings():
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_attention_computations_and_batches_follow_the_schedule(family):
     options = dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1)
-    settings = TgateSettings(**options)
+    settings = TgateConfig(**options)
     pipe = tgate_kernels.enable(FACTORIES[family](), **options)
     attentions = tgate_kernels.view(pipe).attentions
     n_cross = sum(a.cross for a in attentions)
@@ -127,7 +128,7 @@ def test_exception_mid_call_leaves_clean_state_and_next_call_is_unaffected():
 
 def _nothing_cached(pipe) -> bool:
     """Every attention hook's cache is empty: reusing would find nothing."""
-    hooks = [m._diffusers_hook.get_hook("tgate_attention_cache") for m in tgate_kernels.view(pipe).hooked_modules
+    hooks = [m._diffusers_hook.get_hook("tgate_attention_cache") for m in hooked_modules(pipe)
              if m._diffusers_hook.get_hook("tgate_attention_cache") is not None]
     return bool(hooks) and all(not h.caches for h in hooks)
 
@@ -244,7 +245,7 @@ def test_enabling_twice_updates_settings_without_stacking_hooks():
     tgate_kernels.enable(pipe, gate_step=4, warm_up=0)
     tgate_kernels.TgateSDLoader(pipe, gate_step=3)
     assert registries == {id(m): len(m._diffusers_hook.hooks) for m in pipe.unet.modules() if hasattr(m, "_diffusers_hook")}
-    assert pipe.unet in tgate_kernels.view(pipe).hooked_modules
+    assert pipe.unet in hooked_modules(pipe)
     generate(pipe, steps=5)
     assert tgate_kernels.view(pipe).last_generation.gate_step == 4, "a loader leaves the plain call's settings alone"
     generate(pipe, pipe.tgate, steps=5)
@@ -260,9 +261,9 @@ def test_context_manager_restores_previous_state():
     assert not tgate_kernels.is_enabled(pipe) and np.array_equal(generate(pipe), baseline)
     tgate_kernels.enable(pipe, gate_step=3)
     with tgate_kernels.enabled(pipe, gate_step=1, kernels="off", deepcache={"cache_interval": 2, "cache_branch_id": 0}):
-        assert tgate_kernels.view(pipe).settings.gate_step == 1
+        assert tgate_kernels.view(pipe).config.gate_step == 1
     view = tgate_kernels.view(pipe)
-    assert (view.settings.gate_step, view.kernels, view.deepcache) == (3, tgate_kernels.KernelMode.AUTO, None)
+    assert (view.config.gate_step, view.kernels, view.deepcache) == (3, tgate_kernels.KernelMode.AUTO, None)
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def test_a_loader_leaves_the_plain_calls_of_an_enabled_pipeline_as_they_were(ref
     pipe = tgate_kernels.enable(tiny_sd(), kernels="off", gate_step=3)
     expected_plain = generate(tgate_kernels.enable(tiny_sd(), kernels="off", gate_step=3))
     tgate_kernels.TgateSDLoader(pipe)
-    assert tgate_kernels.view(pipe).settings.gate_step == 3 and tgate_kernels.view(pipe).tgate_settings.gate_step == 10
+    assert tgate_kernels.view(pipe).config.gate_step == 3 and tgate_kernels.view(pipe).tgate_config.gate_step == 10
     assert max_abs_diff(generate(pipe), expected_plain) == 0.0
     expected_tgate = reference.TgateSDLoader(tiny_sd()).tgate(
         prompt="a cat", num_inference_steps=12, gate_step=10, generator=torch.Generator().manual_seed(0), output_type="np",
@@ -136,7 +136,7 @@ def test_settings_cannot_change_while_a_generation_runs():
 
     assert max_abs_diff(generate(pipe, callback_on_step_end=reconfigure), expected) == 0.0
     assert len(refusals) == 18 and all("while a T-GATE generation runs on it" in r for r in refusals)
-    assert tgate_kernels.view(pipe).settings.gate_step == 3
+    assert tgate_kernels.view(pipe).config.gate_step == 3
 
 
 def test_pickling_an_enabled_pipeline_is_refused_clearly_and_saving_its_weights_works(tmp_path):

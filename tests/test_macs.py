@@ -14,7 +14,8 @@ from tgate_kernels.tools.benchmarking.macs import (
     planned_generation_macs,
 )
 from tgate_kernels.tools.benchmarking.params import denoiser_params
-from tgate_kernels.schedule import AttentionAction, TgateSettings, plan_generation
+from tgate_kernels.config import TgateConfig
+from tgate_kernels.schedule import AttentionAction, plan_generation
 
 from conftest import TINY_ARCHITECTURES, tiny_architecture
 
@@ -44,9 +45,9 @@ def test_attention_macs_by_hand_and_the_score_convention():
 @pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart"])
 def test_engine_savings_equal_the_schedule(name):
     arch = tiny_architecture(name)
-    settings = TgateSettings(**arch.tgate_settings_kwargs())
+    settings = arch.tgate_config()
     baseline = generation_macs(arch, None)
-    gated = generation_macs(arch, arch.tgate_settings_kwargs())
+    gated = generation_macs(arch, arch.tgate_config())
     breakdown = forward_breakdown(arch)
 
     assert baseline == breakdown.total * (2 * arch.steps)
@@ -69,7 +70,7 @@ def test_engine_savings_equal_the_schedule(name):
 def test_gate_at_the_end_with_no_self_attention_reuse_saves_nothing():
     arch = tiny_architecture("tiny-sd")
     plain = generation_macs(arch, None)
-    assert generation_macs(arch, dict(gate_step=arch.steps, sp_interval=1, warm_up=0)) == plain
+    assert generation_macs(arch, TgateConfig(gate_step=arch.steps, sp_interval=1, warm_up=0)) == plain
 
 
 def test_breakdown_splits_self_and_cross_attention():
@@ -87,7 +88,7 @@ def test_published_sd15_baseline_and_reference_schedule_reproduced():
     arch = architecture("sd15")
     breakdown = forward_breakdown(arch)
     baseline = planned_generation_macs(breakdown, None, 25, cfg=True)
-    gated = planned_generation_macs(breakdown, TgateSettings(gate_step=10), 25, cfg=True)
+    gated = planned_generation_macs(breakdown, TgateConfig(gate_step=10), 25, cfg=True)
     assert round(baseline.without_attention_scores / 1e12, 2) == 16.93
     assert abs(baseline.without_attention_scores - 16.938e12) / 16.938e12 < 1e-3
     assert round(gated.without_attention_scores / 1e12, 2) == 11.38
@@ -104,9 +105,9 @@ def test_video_and_dit_configs_count_what_the_engine_skips():
         denoiser = arch.build_denoiser("meta")
         assert denoiser_params(denoiser).total == pytest.approx(params, rel=1e-3), name
         breakdown = forward_breakdown(arch, resolution=arch.resolution // 4, denoiser=denoiser)
-        settings = TgateSettings(gate_step=2, sp_interval=arch.sp_interval, warm_up=arch.warm_up)
+        settings = TgateConfig(gate_step=2, sp_interval=arch.sp_interval, warm_up=arch.warm_up)
         planned = planned_generation_macs(breakdown, settings, 5, cfg=True)
-        counted = generation_macs(arch, dict(gate_step=2, sp_interval=arch.sp_interval, warm_up=arch.warm_up),
+        counted = generation_macs(arch, TgateConfig(gate_step=2, sp_interval=arch.sp_interval, warm_up=arch.warm_up),
                                   steps=5, resolution=arch.resolution // 4, denoiser=denoiser)
         assert counted == planned and planned.total < planned_generation_macs(breakdown, None, 5, cfg=True).total, name
 

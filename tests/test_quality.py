@@ -10,7 +10,7 @@ from tgate_kernels.tools import cli
 from tgate_kernels.tools.micro import quality
 from tgate_kernels.tools.micro.adherence import MICRO_CALL
 from tgate_kernels.tools.micro.quality_report import pareto_verdicts, render
-from tgate_kernels.schedule import AutoGate
+from tgate_kernels.config import AutoGate
 
 SMALL = quality.QualitySettings(gates=(4, 8), images_per_prompt=1, batch_size=4, prompts=quality.EVAL_PROMPTS[::6])
 

@@ -377,8 +377,9 @@ class _InterruptAtLine:
 
 
 _AROUND_DEEPCACHE = (
-    "tgate_kernels/deepcache.py", "tgate_kernels/state.py", "tgate_kernels/snapshot.py", "tgate_kernels/controller.py",
-    "tgate_kernels/hooks/generation.py", "DeepCache/extension/deepcache.py",
+    "tgate_kernels/engine/deepcache.py", "tgate_kernels/engine/generation.py", "tgate_kernels/engine/snapshot.py",
+    "tgate_kernels/engine/installation.py", "tgate_kernels/engine/guards.py", "tgate_kernels/hooks/pipeline_loop.py",
+    "DeepCache/extension/deepcache.py",
 )
 
 
@@ -391,7 +392,7 @@ def test_an_interrupt_at_any_line_run_around_a_deepcache_generation_leaves_the_p
     expected = _call(tgate_kernels.enable(tiny_sd(), gate_step=GATE, deepcache=DEEPCACHE))
     # everything around the generation, then the undo of DeepCache's wrappers and the loop's
     # opening and closing more densely
-    for files, points in ((_AROUND_DEEPCACHE, 45), (("tgate_kernels/snapshot.py", "tgate_kernels/hooks/generation.py"), 15)):
+    for files, points in ((_AROUND_DEEPCACHE, 45), (("tgate_kernels/engine/snapshot.py", "tgate_kernels/hooks/pipeline_loop.py"), 15)):
         pipe = tgate_kernels.enable(tiny_sd(), gate_step=GATE, deepcache=DEEPCACHE)
         with _InterruptAtLine(files) as counter:
             _call(pipe)
@@ -416,7 +417,7 @@ def test_nothing_of_a_generation_outlives_it():
         state = controller_of(pipe).state
 
         def interrupt(pipe_, index, timestep, callback_kwargs):
-            assert state.chooser is not None or state.plan_data.bound is not None or state.plan_data._tensors
+            assert state.context.observer is not None or state.context.plan_data.bound is not None or state.context.plan_data._tensors
             raise KeyboardInterrupt
 
         for extra in ({}, {"callback_on_step_end": interrupt}):
@@ -424,7 +425,7 @@ def test_nothing_of_a_generation_outlives_it():
                 _call(pipe, **extra)
             except KeyboardInterrupt:
                 pass
-            assert state.chooser is None and state.plan_data.bound is None and not state.plan_data._tensors, options
+            assert state.context.observer is None and state.context.plan_data.bound is None and not state.context.plan_data._tensors, options
             assert all(not getattr(hook, "caches", None) for _, hook in controller_of(pipe).hooks), options
 
 

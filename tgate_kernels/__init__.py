@@ -4,9 +4,10 @@
 a gate step, drop classifier-free guidance after it and cache self-attention on a schedule.
 """
 
-from ._compat import check_private_api
 from .api import disable, enable, enabled, is_enabled, view
-from .engine.guidance import GuidanceNotRecognised, KeptPart
+from .config import AutoGate, CompileOptions, DeepCacheOptions, KernelMode, KeptPart, TgateConfig
+from .engine.generation import ConcurrentGenerationError
+from .engine.guidance import GuidanceNotRecognised
 from .loaders import (
     TgatePixArtAlphaLoader,
     TgatePixArtLoader,
@@ -17,12 +18,11 @@ from .loaders import (
     TgateSDXLLoader,
     TgateSVDLoader,
 )
-from .config import KernelMode
-from .schedule import AttentionAction, AutoGate, StepPlan, TgateSettings, plan_generation, plan_step
-from .engine.generation import ConcurrentGenerationError
+from .schedule import AttentionAction, StepPlan, plan_generation, plan_step
 from .view import TgateView
 
-check_private_api()
+TgateSettings = TgateConfig
+"""The former name of :class:`TgateConfig`."""
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,10 @@ __all__ = [
     "is_enabled",
     "view",
     "TgateView",
+    "TgateConfig",
+    "AutoGate",
+    "CompileOptions",
+    "DeepCacheOptions",
     "KernelMode",
     "KeptPart",
     "GuidanceNotRecognised",
@@ -45,8 +49,6 @@ __all__ = [
     "TgateSVDLoader",
     "TgateSDDeepCacheLoader",
     "TgateSDXLDeepCacheLoader",
-    "TgateSettings",
-    "AutoGate",
     "AttentionAction",
     "StepPlan",
     "plan_step",

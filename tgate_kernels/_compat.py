@@ -1,10 +1,11 @@
 """Every use of another library's private parts, in one place.
 
 T-GATE sits on diffusers' hook registry, beside accelerate's offloading wrappers, inside
-diffusers' blocks. Where that needs an attribute those libraries do not promise to keep, it is
-read or written here and nowhere else, each function saying which upstream behaviour it works
-around. :func:`check_private_api` fails with a clear message, naming the versions this was checked
-with, when an upstream release removed one of them, instead of T-GATE misbehaving later.
+diffusers' blocks, and drives torch's compiler. Where that needs an attribute those libraries do
+not promise to keep, it is read or written here and nowhere else, each function saying which
+upstream behaviour it works around. Each is checked where it is used, so what does not need a
+private attribute (the ops, the config, the schedule) keeps working when one moves; what does
+fails with a clear message naming the versions this was checked with, instead of misbehaving.
 """
 
 from __future__ import annotations
@@ -16,22 +17,13 @@ import torch
 CHECKED_WITH = "diffusers 0.35-0.42.1, accelerate 0.30-1.15"
 
 
-def check_private_api() -> None:
-    """Raise ``ImportError`` if a private attribute T-GATE relies on is gone from diffusers."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.models import attention as diffusers_attention
+def _missing(what: list[str]) -> ImportError:
+    import diffusers
 
-    registry = HookRegistry(torch.nn.Identity())
-    missing = [name for name in ("_hook_order", "_fn_refs", "_module_ref") if not hasattr(registry, name)]
-    if not hasattr(diffusers_attention, "_chunked_feed_forward"):
-        missing.append("diffusers.models.attention._chunked_feed_forward")
-    if missing:
-        import diffusers
-
-        raise ImportError(
-            f"tgate_kernels relies on diffusers internals that diffusers {diffusers.__version__} no longer has "
-            f"({', '.join(missing)}); it was checked with {CHECKED_WITH}."
-        )
+    return ImportError(
+        f"tgate_kernels relies on diffusers internals that diffusers {diffusers.__version__} no longer has "
+        f"({', '.join(what)}); it was checked with {CHECKED_WITH}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,6 +31,36 @@ def check_private_api() -> None:
 # --------------------------------------------------------------------------------------------
 # The registry keeps its chain in `_hook_order`/`_fn_refs` and lives on the module as
 # `_diffusers_hook`; none of these is public, yet removing a hook correctly needs them (below).
+
+
+_REGISTRY_INTERNALS = ("_hook_order", "_fn_refs", "_module_ref")
+
+
+def check_hook_registry(registry) -> None:
+    """Raise ``ImportError`` if diffusers' registry no longer keeps its chain where T-GATE reads it."""
+    missing = [f"HookRegistry.{name}" for name in _REGISTRY_INTERNALS if not hasattr(registry, name)]
+    if missing:
+        raise _missing(missing)
+
+
+def diffusers_hook(cls, *, stateful: bool):
+    """Make ``cls`` (a ``ModelHook``) one diffusers treats as T-GATE needs: ``stateful`` hooks get
+    ``reset_state`` calls and ``cache_context`` names (diffusers reads the private flag
+    ``_is_stateful``), and every hook hears of its removal through the callback diffusers spells
+    ``deinitalize_hook``, which calls the hook's ``detached(module)``."""
+    cls._is_stateful = stateful
+
+    def deinitalize_hook(self, module):
+        self.detached(module)
+        return module
+
+    cls.deinitalize_hook = deinitalize_hook
+    return cls
+
+
+def is_stateful(hook) -> bool:
+    """Whether diffusers treats ``hook`` as stateful (its caches: FasterCache, FirstBlockCache, ...)."""
+    return bool(getattr(hook, "_is_stateful", False))
 
 
 def registry_of(module: torch.nn.Module):
@@ -134,6 +156,18 @@ def deinitialize(hook, module: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def cache_context_receiver():
+    """An object that, as an attribute of a stateful hook, receives the ``cache_context`` names
+    diffusers delivers (a ``StateManager``, which diffusers finds among a hook's attributes)."""
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class _NoState(BaseState):
+        def reset(self, *args, **kwargs) -> None:
+            pass
+
+    return StateManager(_NoState)
+
+
 def cache_context_name(manager) -> str | None:
     """The name of the ``cache_context`` the pipeline opened around the current denoiser call.
 
@@ -173,7 +207,10 @@ def feed_forward(block: torch.nn.Module, hidden_states: torch.Tensor) -> torch.T
     """``block.ff`` as ``BasicTransformerBlock.forward`` runs it: in chunks when the user asked for
     chunked feed-forward (``enable_forward_chunking`` stores ``_chunk_size``/``_chunk_dim``)."""
     if getattr(block, "_chunk_size", None) is not None:
-        from diffusers.models.attention import _chunked_feed_forward
+        try:
+            from diffusers.models.attention import _chunked_feed_forward
+        except ImportError:
+            raise _missing(["diffusers.models.attention._chunked_feed_forward"]) from None
 
         return _chunked_feed_forward(block.ff, hidden_states, block._chunk_dim, block._chunk_size)
     return block.ff(hidden_states)
@@ -221,6 +258,15 @@ def compile_modes() -> list[str]:
     return list(list_mode_options())
 
 
+def inductor_mode_settings(mode: str | None) -> dict:
+    """Inductor's settings of a ``torch.compile`` mode (empty for ``None``)."""
+    if mode is None:
+        return {}
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
+
+
 def compiler_errors() -> tuple[type[BaseException], ...]:
     """What ``torch.compile`` raises when it cannot compile: dynamo's exception base (inductor's
     failures, a missing C++ compiler included, arrive wrapped in ``BackendCompilerFailed``)."""
@@ -238,10 +284,3 @@ def inductor_settings(settings: dict):
     from torch._inductor import config
 
     return config.patch(settings)
-
-
-def compiled_graph_count() -> int:
-    """Graphs dynamo compiled in this process so far (its ``unique_graphs`` counter)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])

@@ -1,4 +1,4 @@
-"""The loaders users of the ``tgate`` package know, each a few lines over the controller.
+"""The loaders users of the ``tgate`` package know, and ``pipe.tgate``, each a few lines over the engine.
 
 ``TgateSDXLLoader(pipe, gate_step=10, num_inference_steps=25)`` (the documented usage) and
 ``TgateSDXLLoader(pipe)`` (the 1.0.0 usage) both return ``pipe`` with a ``pipe.tgate(...)``
@@ -11,35 +11,66 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .families import registry as adapters
-from .api import deepcache_option
-from .engine.installation import Configuration, configure, controller_of, refuse_auto_in_tgate_api
-from .schedule import TgateSettings
+from .config import AUTO, DeepCacheOptions, TgateConfig
+from .engine.configuration import loaded_with
+from .engine.installation import configure, controller_of
+from .engine.pipeline_parts import check_pipeline
 
 
-def _load(pipe, defaults: TgateSettings, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache):
-    refuse_auto_in_tgate_api(gate_step)
-    settings = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
+def _load(pipe, defaults: TgateConfig, deepcache: DeepCacheOptions | None, gate_step, num_inference_steps, **schedule):
+    refuse_auto_gate(gate_step)
+    config = replace(defaults.updated(gate_step=gate_step, **schedule), deepcache=deepcache)
     if num_inference_steps is not None:
         # defaults that contradict each other are a mistake; a call's own steps may still run
         # fewer steps than the gate (never reached, as with the reference)
-        settings.resolve_gate_step(num_inference_steps)
-    adapters.check_pipeline(pipe)
+        config.resolve_gate_step(num_inference_steps)
+    check_pipeline(pipe)
     controller = controller_of(pipe)
-    current = controller.configuration if controller is not None else Configuration(settings)
-    configure(
-        pipe,
-        replace(
-            current,
-            loader_settings=settings,
-            loader_deepcache=deepcache_option(pipe, deepcache, current.loader_deepcache),
-            default_steps=num_inference_steps,
-        ),
-    )
+    current = controller.configuration if controller is not None else None
+    configure(pipe, loaded_with(pipe, current, config, num_inference_steps), tgate_call)
     return pipe
 
 
-def _make_loader(name: str, defaults: TgateSettings, family: str):
+def refuse_auto_gate(gate_step) -> None:
+    """The loaders and ``pipe.tgate`` keep the ``tgate`` package's API, whose gate is a step."""
+    if gate_step == AUTO:
+        raise ValueError(
+            "`gate_step='auto'` is not available through the tgate loaders and `pipe.tgate` (the `tgate` package's "
+            "API, whose gate is a step): use tgate_kernels.enable(pipe, gate_step='auto') and call the pipeline itself."
+        )
+
+
+def tgate_call(
+    self,
+    *args,
+    gate_step: int | float | None = None,
+    num_inference_steps: int | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
+    lcm: bool | None = None,
+    **kwargs,
+):
+    """``pipe.tgate``: the pipeline's ordinary call with T-GATE settings: ``pipe.tgate(prompt,
+    gate_step=10, num_inference_steps=25, **any pipeline argument)``. Settings not given here come
+    from the loader (or ``enable``); settings given here win."""
+    controller = controller_of(self)
+    if controller is None:
+        raise RuntimeError("`pipe.tgate` was called on a pipeline that T-GATE is no longer attached to.")
+    controller.state.check_can_open()
+    defaults, _ = controller.configuration.tgate_call
+    refuse_auto_gate(gate_step if gate_step is not None else defaults.gate_step)
+    config = defaults.updated(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
+    steps = num_inference_steps if num_inference_steps is not None else controller.configuration.default_steps
+    if steps is not None:
+        # as with the reference, a gate beyond the steps is never reached (the call says so)
+        config.resolve_gate_step(steps, beyond_allowed=True)
+        kwargs["num_inference_steps"] = steps
+    with controller.config_for_one_call(config):
+        return self(*args, **kwargs)
+
+
+def _make_loader(name: str, defaults: TgateConfig, family: str):
     def loader(
         pipe,
         gate_step: int | float | None = None,
@@ -50,7 +81,8 @@ def _make_loader(name: str, defaults: TgateSettings, family: str):
         lcm: bool | None = None,
     ):
         # a plain loader is T-GATE alone: it takes away DeepCache a DeepCache loader added
-        return _load(pipe, defaults, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, False)
+        return _load(pipe, defaults, None, gate_step, num_inference_steps, sp_interval=sp_interval,
+                     fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
 
     loader.__name__ = loader.__qualname__ = name
     loader.__doc__ = (
@@ -63,7 +95,7 @@ def _make_loader(name: str, defaults: TgateSettings, family: str):
     return loader
 
 
-_STANDARD = TgateSettings()
+_STANDARD = TgateConfig()
 
 TgateSDLoader = _make_loader("TgateSDLoader", _STANDARD, "Stable Diffusion 1.x/2.x")
 TgateSDXLLoader = _make_loader("TgateSDXLLoader", _STANDARD, "Stable Diffusion XL")
@@ -73,7 +105,7 @@ TgatePixArtSigmaLoader = _make_loader("TgatePixArtSigmaLoader", _STANDARD, "PixA
 TgateSVDLoader = _make_loader("TgateSVDLoader", _STANDARD, "Stable Video Diffusion")
 
 # The reference's DeepCache variants compute self-attention at every step before the gate.
-_WITH_DEEPCACHE = TgateSettings(sp_interval=1, warm_up=0)
+_WITH_DEEPCACHE = TgateConfig(sp_interval=1, warm_up=0)
 
 
 def _make_deepcache_loader(name: str, family: str):
@@ -88,8 +120,9 @@ def _make_deepcache_loader(name: str, family: str):
         warm_up: int | None = None,
         lcm: bool | None = None,
     ):
-        deepcache = {"cache_interval": cache_interval, "cache_branch_id": cache_branch_id}
-        return _load(pipe, _WITH_DEEPCACHE, gate_step, num_inference_steps, sp_interval, fi_interval, warm_up, lcm, deepcache)
+        deepcache = DeepCacheOptions(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
+        return _load(pipe, _WITH_DEEPCACHE, deepcache, gate_step, num_inference_steps, sp_interval=sp_interval,
+                     fi_interval=fi_interval, warm_up=warm_up, lcm=lcm)
 
     loader.__name__ = loader.__qualname__ = name
     loader.__doc__ = (
@@ -105,14 +138,3 @@ def _make_deepcache_loader(name: str, family: str):
 
 TgateSDDeepCacheLoader = _make_deepcache_loader("TgateSDDeepCacheLoader", "Stable Diffusion 1.x/2.x")
 TgateSDXLDeepCacheLoader = _make_deepcache_loader("TgateSDXLDeepCacheLoader", "Stable Diffusion XL")
-
-__all__ = [
-    "TgateSDLoader",
-    "TgateSDXLLoader",
-    "TgatePixArtLoader",
-    "TgatePixArtAlphaLoader",
-    "TgatePixArtSigmaLoader",
-    "TgateSVDLoader",
-    "TgateSDDeepCacheLoader",
-    "TgateSDXLDeepCacheLoader",
-]

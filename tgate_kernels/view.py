@@ -14,12 +14,14 @@ controller's internals::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .engine.attention_modules import AttentionKind
+from .config import CompileOptions, DeepCacheOptions, KernelMode, KeptPart, TgateConfig
+from .engine.attention_modules import HookableAttention
 from .engine.recording import StepRecorder
 
 if TYPE_CHECKING:
@@ -27,15 +29,10 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class HookedAttention:
-    denoiser: str
-    name: str
-    module: torch.nn.Module
-    kind: AttentionKind
+class HookedAttention(HookableAttention):
+    """A hooked attention module and the denoiser (pipeline attribute) it belongs to."""
 
-    @property
-    def cross(self) -> bool:
-        return self.kind is AttentionKind.CROSS
+    denoiser: str = ""
 
 
 class TgateView:
@@ -50,42 +47,44 @@ class TgateView:
         return self._controller.configuration.gates_plain_calls
 
     @property
-    def settings(self):
-        """The schedule plain ``pipe(...)`` calls run with on an enabled pipeline; on a pipeline
-        only a loader attached, the defaults of ``pipe.tgate``."""
+    def config(self) -> TgateConfig:
+        """What plain ``pipe(...)`` calls run with on an enabled pipeline; on a pipeline only a
+        loader attached, the defaults of ``pipe.tgate``."""
         configuration = self._controller.configuration
-        return configuration.settings if configuration.gates_plain_calls else configuration.tgate_call[0]
+        return configuration.config if configuration.gates_plain_calls else configuration.tgate_call[0]
 
     @property
-    def tgate_settings(self):
+    def tgate_config(self) -> TgateConfig:
         """The defaults of ``pipe.tgate``: a loader's, else ``enable``'s."""
         return self._controller.configuration.tgate_call[0]
 
-    @property
-    def kernels(self):
-        return self._controller.configuration.kernels
+    settings = config
+    """The former name of :attr:`config`."""
+    tgate_settings = tgate_config
+    """The former name of :attr:`tgate_config`."""
 
     @property
-    def kept_part(self):
-        return self._controller.configuration.kept
+    def kernels(self) -> KernelMode:
+        return self.config.kernels
 
     @property
-    def compile(self):
-        """The ``compile=`` settings the denoisers run with (``None``: eagerly)."""
-        return self._controller.configuration.compile
+    def kept_part(self) -> KeptPart:
+        return self.config.kept_part
+
+    @property
+    def compile(self) -> CompileOptions | None:
+        """The ``compile=`` options the denoisers run with (``None``: eagerly)."""
+        return self.config.compile
 
     @property
     def deepcache(self) -> dict | None:
-        """DeepCache's options for the calls :attr:`settings` describes (``None``: without it)."""
-        configuration = self._controller.configuration
-        coordinator = configuration.deepcache if configuration.gates_plain_calls else configuration.tgate_call[1]
-        return None if coordinator is None else dict(coordinator.options)
+        """DeepCache's options for the calls :attr:`config` describes (``None``: without it)."""
+        return _as_dict(self.config.deepcache)
 
     @property
     def tgate_deepcache(self) -> dict | None:
         """DeepCache's options for ``pipe.tgate`` calls (``None``: without it)."""
-        coordinator = self._controller.configuration.tgate_call[1]
-        return None if coordinator is None else dict(coordinator.options)
+        return _as_dict(self.tgate_config.deepcache)
 
     @property
     def denoisers(self) -> dict[str, torch.nn.Module]:
@@ -95,7 +94,7 @@ class TgateView:
     @property
     def attentions(self) -> tuple[HookedAttention, ...]:
         return tuple(
-            HookedAttention(d.attribute, a.name, a.module, a.kind)
+            HookedAttention(a.name, a.module, a.kind, denoiser=d.attribute)
             for d in self._controller.parts.denoisers
             for a in d.attentions
         )
@@ -104,10 +103,6 @@ class TgateView:
     def fast_blocks(self) -> tuple[torch.nn.Module, ...]:
         """Transformer blocks that run the fused post-gate path (``kernels="auto"``)."""
         return tuple(self._controller.fast_blocks)
-
-    @property
-    def hooked_modules(self) -> tuple[torch.nn.Module, ...]:
-        return tuple(module for module, _ in self._controller.hooks)
 
     @property
     def last_generation(self):
@@ -119,8 +114,12 @@ class TgateView:
         """Record what the hooks do, per step, while the block runs (the last generation is kept)."""
         state = self._controller.state
         recorder = StepRecorder()
-        outer, state.recorder = state.recorder, recorder
+        outer, state.context.recorder = state.context.recorder, recorder
         try:
             yield recorder
         finally:
-            state.recorder = outer
+            state.context.recorder = outer
+
+
+def _as_dict(options: DeepCacheOptions | None) -> dict | None:
+    return None if options is None else dataclasses.asdict(options)

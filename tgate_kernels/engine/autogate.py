@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from ..schedule import AutoGate
+from ..config import AutoGate
+from ..schedule import candidate_plan
+from .generation import GenerationState, StepListener
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -73,3 +75,36 @@ class GateChooser:
     def in_window(self, step: int) -> bool:
         """Whether ``step`` runs as a possible last step before the gate."""
         return self.chosen is None and step >= self.earliest - 1
+
+
+class AutoGateListener(StepListener):
+    """Chooses the gate of each ``gate_step="auto"`` generation of its pipeline: every step of the
+    window runs as a candidate gate step until the gate is chosen, from the next step on."""
+
+    def __init__(self) -> None:
+        self.chooser: GateChooser | None = None
+
+    def generation_started(self, state: GenerationState) -> None:
+        if state.config.auto:
+            self.chooser = GateChooser(state.config.auto_gate_options, state.num_steps)
+            state.context.observer = self._observe
+
+    def _observe(self, key, parts: tuple[str, ...], output: torch.Tensor) -> None:
+        if self.chooser is not None and self.chooser.chosen is None:
+            self.chooser.observe(key, parts, output)
+
+    def step_started(self, state: GenerationState) -> None:
+        chooser = self.chooser
+        if chooser is not None and chooser.in_window(state.step):
+            state.plan = candidate_plan(state.step)
+
+    def step_ended(self, state: GenerationState) -> None:
+        chooser = self.chooser
+        if chooser is not None:
+            state.gate_step = chooser.step_done(state.step) or state.gate_step
+            state.gate_history = tuple(chooser.history)
+
+    def generation_ended(self, state: GenerationState) -> None:
+        # the outputs it compared go with the generation
+        self.chooser = None
+        state.context.observer = None

@@ -18,74 +18,25 @@ from __future__ import annotations
 
 import types
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .. import _compat
+from ..config import CompileOptions
 
-_KEYS = ("backend", "mode", "freezing", "dynamic", "options")
-
-
-@dataclass(frozen=True)
-class CompileSettings:
-    """What ``compile=`` asked for; ``freezing=None`` is inductor's freezing on."""
-
-    backend: str = "inductor"
-    mode: str | None = None
-    freezing: bool | None = None
-    dynamic: bool | None = False
-    options: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_option(cls, option) -> "CompileSettings | None":
-        """``compile=`` validated: ``True``/``False``/``None`` or a dict of the fields above."""
-        if option is None or option is False:
-            return None
-        if option is True:
-            return cls()
-        if not isinstance(option, dict):
-            raise TypeError(
-                f"`compile` must be True, False or a dict with some of {list(_KEYS)} "
-                f"(e.g. {{'mode': 'max-autotune'}}), got {option!r} of type {type(option).__name__}."
-            )
-        unknown = sorted(set(option) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"`compile` got unknown keys {unknown}; allowed: {', '.join(map(repr, _KEYS))}.")
-        expected = {
-            "backend": ("a backend name or a callable", lambda v: isinstance(v, str) or callable(v)),
-            "mode": ("None or a mode name", lambda v: v is None or isinstance(v, str)),
-            "freezing": ("None, True or False", lambda v: v is None or isinstance(v, bool)),
-            "dynamic": ("None, True or False", lambda v: v is None or isinstance(v, bool)),
-            "options": ("a dict of inductor settings", lambda v: isinstance(v, dict)),
-        }
-        for key, value in option.items():
-            allowed, check = expected[key]
-            if not check(value):
-                raise TypeError(f"`compile['{key}']` must be {allowed}, got {value!r} of type {type(value).__name__}.")
-        backend, mode = option.get("backend"), option.get("mode")
-        if isinstance(backend, str) and backend not in _compat.compile_backends():
-            raise ValueError(f"`compile['backend']` {backend!r} is not a torch.compile backend; "
-                             f"allowed: {', '.join(_compat.compile_backends(debugging=False))} or a callable.")
-        if mode is not None and mode not in _compat.compile_modes():
-            raise ValueError(f"`compile['mode']` {mode!r} is not a torch.compile mode; allowed: {', '.join(_compat.compile_modes())}.")
-        return cls(**option)
-
-    def compile_arguments(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Keyword arguments of ``torch.compile`` for a denoiser, and the inductor settings to
-        hold while it runs. Freezing has to be set while dynamo traces,
-        not only while inductor compiles (``torch.compile(options=...)`` sets it too late: dynamo
-        then passes the weights as inputs, which cannot be frozen), so inductor's settings are
-        held around every call instead of passed as ``options``."""
-        if self.backend != "inductor":
-            return dict(backend=self.backend, mode=self.mode, dynamic=self.dynamic, options=self.options or None), {}
-        from torch._inductor import list_mode_options
-
-        settings = dict(list_mode_options(self.mode)) if self.mode is not None else {}
-        settings["freezing"] = True if self.freezing is None else self.freezing
-        settings.update(self.options)
-        return dict(backend="inductor", dynamic=self.dynamic), settings
+def compile_arguments(options: CompileOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keyword arguments of ``torch.compile`` for a denoiser, and the inductor settings to hold
+    while it runs. Freezing has to be set while dynamo traces, not only while inductor compiles
+    (``torch.compile(options=...)`` sets it too late: dynamo then passes the weights as inputs,
+    which cannot be frozen), so inductor's settings are held around every call instead of passed
+    as ``options``."""
+    if options.backend != "inductor":
+        return dict(backend=options.backend, mode=options.mode, dynamic=options.dynamic, options=options.options or None), {}
+    settings = _compat.inductor_mode_settings(options.mode)
+    settings["freezing"] = True if options.freezing is None else options.freezing
+    settings.update(options.options)
+    return dict(backend="inductor", dynamic=options.dynamic), settings
 
 
 class CompiledForward:
@@ -95,7 +46,7 @@ class CompiledForward:
     the compiled function stores them where the attention hooks read them, so that they enter
     the graph as its inputs, not as constants of it."""
 
-    def __init__(self, forward: Callable, settings: CompileSettings, name: str, plan_data) -> None:
+    def __init__(self, forward: Callable, settings: CompileOptions, name: str, plan_data) -> None:
         self.eager = forward
         self.settings = settings
         self.name = name
@@ -117,7 +68,7 @@ class CompiledForward:
         if self.failure is None:
             try:
                 if self._compiled is None:
-                    compile_kwargs, self._inductor_settings = self.settings.compile_arguments()
+                    compile_kwargs, self._inductor_settings = compile_arguments(self.settings)
                     self._compiled = torch.compile(self._forward_with, **compile_kwargs)
                 with _compat.inductor_settings(self._inductor_settings):
                     return self._compiled(tensors, args, kwargs)

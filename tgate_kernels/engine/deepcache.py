@@ -18,19 +18,14 @@ and DeepCache rebuilds its features at the halved batch that follows.
 
 from __future__ import annotations
 
-from ..config import check_int
+from ..config import DeepCacheOptions
 from .snapshot import InstanceAttributes
 from .generation import GenerationState, StepListener
-
-_KEYS = ("cache_interval", "cache_branch_id")
-
 
 class DeepCacheCoordinator(StepListener):
     """Runs a ``DeepCacheSDHelper`` on ``pipe`` during each T-GATE generation."""
 
-    def __init__(self, pipe, cache_interval: int = 3, cache_branch_id: int = 0) -> None:
-        check_int("deepcache['cache_interval']", cache_interval, 1)
-        check_int("deepcache['cache_branch_id']", cache_branch_id, 0)
+    def __init__(self, pipe, options: DeepCacheOptions) -> None:
         unet = getattr(pipe, "unet", None)
         if not all(getattr(unet, part, None) is not None for part in ("down_blocks", "mid_block", "up_blocks")):
             raise ValueError(
@@ -38,32 +33,20 @@ class DeepCacheCoordinator(StepListener):
                 f"and their img2img, inpaint and ControlNet variants); {type(pipe).__name__} has "
                 f"{'a UNet without a mid block' if unet is not None else 'none'}."
             )
-        if cache_branch_id >= 3 * len(unet.down_blocks):
+        if options.cache_branch_id >= 3 * len(unet.down_blocks):
             raise ValueError(
                 f"`deepcache['cache_branch_id']` must be below {3 * len(unet.down_blocks)} for this UNet "
-                f"({len(unet.down_blocks)} down blocks), got {cache_branch_id!r}."
+                f"({len(unet.down_blocks)} down blocks), got {options.cache_branch_id!r}."
             )
         try:
             from DeepCache import DeepCacheSDHelper
         except ImportError as error:
             raise ImportError("`deepcache` needs the DeepCache package: pip install DeepCache==0.1.1") from error
         self.pipe = pipe
-        self.options = {"cache_interval": cache_interval, "cache_branch_id": cache_branch_id}
+        self.options = options
         self.helper = DeepCacheSDHelper(pipe=pipe)
-        self.helper.set_params(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
+        self.helper.set_params(cache_interval=options.cache_interval, cache_branch_id=options.cache_branch_id)
         self._unwrapped: InstanceAttributes | None = None
-
-    @classmethod
-    def from_option(cls, pipe, option) -> "DeepCacheCoordinator":
-        if not isinstance(option, dict):
-            raise TypeError(
-                f"`deepcache` must be a dict like {{'cache_interval': 3, 'cache_branch_id': 0}}, False or None, "
-                f"got {option!r}."
-            )
-        unknown = set(option) - set(_KEYS)
-        if unknown:
-            raise ValueError(f"`deepcache` got unknown keys {sorted(unknown)}; allowed: 'cache_interval', 'cache_branch_id'.")
-        return cls(pipe, **option)
 
     @property
     def wrapped(self) -> bool:

@@ -1,9 +1,11 @@
-"""The facts of the generation running on one pipeline, shared by its hooks.
+"""The generation running on one pipeline: its record, and the context of the call running now.
 
 One :class:`GenerationState` per enabled pipeline. It is *active* only between the opening and
 the closing of a generation's denoising loop, and only for the thread that opened it; outside it
 every hook passes calls straight through. Opening and closing both reset every cache, so nothing
-outlives a call, also when the call raises.
+outlives a call, also when the call raises. What follows the generation step by step beside the
+hooks (DeepCache, PAG's processors, the auto gate) is a :class:`StepListener`; what the hooks
+read of the denoiser call running now is its :class:`CallContext`.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import sys
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..config import TgateConfig
+from ..schedule import StepPlan, plan_step
 from .guidance import DenoiserCall, GuidanceLayout, GuidanceTracker
 from .plan_data import PlanData
-from .autogate import GateChooser
-from ..schedule import StepPlan, TgateSettings, candidate_plan, plan_step
 
 if TYPE_CHECKING:
     from .recording import StepRecorder
@@ -48,21 +50,32 @@ class GenerationSummary:
         return self.layout.describe() if self.layout is not None else "no denoiser call seen"
 
 
+class CallContext:
+    """What the hooks read of the denoiser call running now, beside the step's plan."""
+
+    def __init__(self) -> None:
+        self.call: DenoiserCall | None = None
+        """The denoiser call running now: the attention hooks cache and reuse by its parts."""
+        self.plan_data = PlanData()
+        """The plan as flags, and this generation's caches, for denoisers T-GATE compiles."""
+        self.recorder: StepRecorder | None = None
+        """Records what the hooks do (``view(pipe).record()``)."""
+        self.observer: Callable[[object, tuple, torch.Tensor], None] | None = None
+        """Sees every cross-attention output computed in a guided call (the auto gate, while it chooses)."""
+
+
 class GenerationState:
     def __init__(self, guidance: GuidanceTracker) -> None:
         self.guidance = guidance
-        self.settings: TgateSettings | None = None
+        self.config: TgateConfig | None = None
         self.num_steps = 0
         self.gate_step = 0
+        """The gate of this generation (for ``gate_step="auto"``, the latest it may be until it is chosen)."""
         self.step = 0
         self.plan: StepPlan | None = None
-        self.call: DenoiserCall | None = None
-        """The denoiser call running now: the attention hooks cache and reuse by its parts."""
-        self.recorder: StepRecorder | None = None
-        self.plan_data = PlanData()
-        """The plan as flags, for denoisers T-GATE compiles."""
-        self.chooser: GateChooser | None = None
-        """Chooses the gate while the generation runs (``gate_step="auto"``)."""
+        self.gate_history: tuple[float, ...] = ()
+        """What the auto gate measured in this generation (its summary's ``cross_attention_changes``)."""
+        self.context = CallContext()
         self.last: GenerationSummary | None = None
         self._owner: int | None = None
         self._loop_frame = None
@@ -156,35 +169,35 @@ class GenerationState:
                 f"{self.num_steps}): its hooks drive that generation. Do it after the call returns."
             )
 
-    def begin(self, settings: TgateSettings, num_steps: int, says_guided: bool | None, loop_frame=None) -> None:
+    def begin(self, config: TgateConfig, num_steps: int, says_guided: bool | None, loop_frame=None) -> None:
         """Open a generation of ``num_steps`` solver steps (``says_guided``: what the pipeline's
         ``do_classifier_free_guidance`` says, ``None`` when it has none; ``loop_frame``: the frame
         of the pipeline's call that runs the loop)."""
         self.check_free()
-        gate = settings.resolve_gate_step(num_steps, beyond_allowed=True)
-        self.chooser = GateChooser(settings.auto_gate, num_steps) if settings.auto else None
+        gate = config.resolve_gate_step(num_steps, beyond_allowed=True)
         if gate > num_steps:
             # img2img's `strength` runs fewer steps than asked for: a gate set for the full
             # schedule is never reached, as with the reference
             warnings.warn(
                 f"`gate_step`={gate} is beyond the {num_steps} steps this call runs: cross-attention and "
                 f"classifier-free guidance are kept at every step; self-attention is still cached before the gate "
-                f"(every sp_interval={settings.sp_interval} steps from warm_up={settings.warm_up}).",
+                f"(every sp_interval={config.sp_interval} steps from warm_up={config.warm_up}).",
                 stacklevel=4,
             )
         self._reset_stateful_hooks()
-        self.settings = settings
+        self.config = config
         self.num_steps = num_steps
         self.gate_step = gate
         self.step = 0
-        self.guidance.begin(says_guided, told_unguided=settings.lcm is True)
-        self.plan_data.begin()
+        self.gate_history = ()
+        self.guidance.begin(says_guided, told_unguided=config.lcm is True)
+        self.context.plan_data.begin()
         self._cut_announced = False
         self._owner = threading.get_ident()
         self._loop_frame = loop_frame
-        self.plan = self._plan(0)
-        if self.recorder is not None:
-            self.recorder.generation_started(self)
+        self.plan = plan_step(0, config, gate)
+        if self.context.recorder is not None:
+            self.context.recorder.generation_started(self)
         try:
             for listener in self._listeners:
                 listener.generation_started(self)
@@ -198,19 +211,13 @@ class GenerationState:
         """Close ``steps`` solver steps (the pipeline's progress bar moved)."""
         if self.plan is None:
             return
-        if self.chooser is not None:
-            self.gate_step = self.chooser.step_done(self.step) or self.gate_step
+        for listener in self._listeners:
+            listener.step_ended(self)
         self.step += steps
-        self.plan = self._plan(self.step)
+        self.plan = plan_step(self.step, self.config, self.gate_step)
         self.guidance.step_started(self.step)
         for listener in self._listeners:
             listener.step_started(self)
-
-    def _plan(self, step: int) -> StepPlan:
-        chooser = self.chooser
-        if chooser is not None and chooser.chosen is None and chooser.in_window(step):
-            return candidate_plan(step)
-        return plan_step(step, self.settings, self.gate_step)
 
     def announce_cut(self) -> None:
         """The first denoiser call of this generation that runs on fewer parts than it carries."""
@@ -223,8 +230,7 @@ class GenerationState:
         was_active = self.plan is not None
         try:
             if was_active:
-                changes = tuple(self.chooser.history) if self.chooser is not None else ()
-                self.last = GenerationSummary(self.num_steps, self.gate_step, self.guidance.layout, changes)
+                self.last = GenerationSummary(self.num_steps, self.gate_step, self.guidance.layout, self.gate_history)
                 failure = None
                 for listener in self._listeners:
                     try:  # every listener puts back what it changed, even when one of them fails
@@ -235,12 +241,11 @@ class GenerationState:
                     raise failure
         finally:
             self.plan = None
-            self.call = None
-            self.settings = None
+            self.context.call = None
+            self.config = None
             self._owner = None
             self._loop_frame = None
-            self.chooser = None  # the outputs it compared go with the generation
-            self.plan_data.release()
+            self.context.plan_data.release()
             self.guidance.end()
             self._reset_stateful_hooks()
 
@@ -251,12 +256,16 @@ class GenerationState:
 
 class StepListener:
     """Something that follows a generation step by step (DeepCache's coordinator, PAG's
-    processors)."""
+    processors, the auto gate). ``step_started`` may change the step's plan; ``step_ended``
+    may move the gate, from the next step on."""
 
     def generation_started(self, state: GenerationState) -> None:
         pass
 
     def step_started(self, state: GenerationState) -> None:
+        pass
+
+    def step_ended(self, state: GenerationState) -> None:
         pass
 
     def calls_cut(self, state: GenerationState) -> None:

@@ -28,24 +28,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import _DocumentedChoice
+from ..config import KeptPart
+from ..families.registry import NEGATIVE, PERTURBED, PROMPT, UNCONDITIONAL  # noqa: F401  (the parts, named once)
 
-NEGATIVE = "negative"
-PROMPT = "prompt"
 MERGED = "merged"
-PERTURBED = "perturbed"
-UNCONDITIONAL = "unconditional"
 
 TEXT_PAIR = (NEGATIVE, PROMPT)
 
 _CONTEXT_PARTS = {"cond": PROMPT, "uncond": NEGATIVE}
-
-
-class KeptPart(_DocumentedChoice):
-    """Which of the prompt and negative-prompt parts runs after the gate."""
-
-    AUTO = ("auto", "the reference's choice: the negative prompt for batched guidance, the conditional part for SVD, ControlNet guess mode and separate calls")
-    CONDITIONAL = ("conditional", "the prompt's part")
 
 
 class GuidanceNotRecognised(RuntimeError):

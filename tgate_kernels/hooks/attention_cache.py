@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _compat
 from ..engine import plan_data
 from ..engine.guidance import MERGED, NEGATIVE, PROMPT, TEXT_PAIR, DenoiserCall, Mode
 from ..schedule import AttentionAction
@@ -104,7 +105,6 @@ class AttentionCacheHook(TgateHook):
     """
 
     name = "tgate_attention_cache"
-    _is_stateful = True
 
     def __init__(self, state: GenerationState, denoiser: str, cross: bool, plan_as_data: bool = False, module_name: str = "") -> None:
         super().__init__(state)
@@ -135,13 +135,14 @@ class AttentionCacheHook(TgateHook):
     def cached_for(self, call: DenoiserCall) -> torch.Tensor | None:
         """The output to reuse in ``call``, for callers that skip the module's call; recorded as a reuse."""
         cached = self.cache_of(call).lookup(call.runs)
-        if cached is not None and self.state.recorder is not None:
-            self.state.recorder.attention(self.state.step, self.denoiser, self.cross, reused=True)
+        if cached is not None and self.state.context.recorder is not None:
+            self.state.context.recorder.attention(self.state.step, self.denoiser, self.cross, reused=True)
         return cached
 
     def forward_in_generation(self, module, *args, **kwargs):
         state = self.state
-        call = state.call
+        context = state.context
+        call = context.call
         if call is None:
             return self.original(*args, **kwargs)
         if not torch.compiler.is_compiling():
@@ -163,10 +164,11 @@ class AttentionCacheHook(TgateHook):
             if cached is not None:
                 return cached
         output = self.original(*args, **kwargs)
-        if state.recorder is not None:
-            state.recorder.attention(state.step, self.denoiser, self.cross, reused=False)
-        if self.cross and plan.cfg_batch and state.chooser is not None and state.chooser.chosen is None:
-            state.chooser.observe((id(self), call.run, call.runs), call.runs, output)
+        if state.context.recorder is not None:
+            state.context.recorder.attention(state.step, self.denoiser, self.cross, reused=False)
+        observer = context.observer
+        if self.cross and plan.cfg_batch and observer is not None:
+            observer((id(self), call.run, call.runs), call.runs, output)
         if action is AttentionAction.CACHE:
             if plan.average_cfg_halves:
                 self.cache_of(call).store_at_gate(output, call.runs, plan.step)
@@ -182,11 +184,11 @@ class AttentionCacheHook(TgateHook):
         return f"{self.key}/{role}/{like.shape[0]}/{like.dtype}/{like.device}"
 
     def _buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
-        return self.state.plan_data.buffer(self._buffer_key(role, like), like)
+        return self.state.context.plan_data.buffer(self._buffer_key(role, like), like)
 
     def _forward_by_flags(self, call: DenoiserCall, *args, **kwargs):
         state = self.state
-        data = state.plan_data
+        data = state.context.plan_data
         sample = args[0] if args else kwargs["hidden_states"]
         flags = data.bound[plan_data.FLAGS]
         reuse_self, store_self = flags[plan_data.REUSE_SELF], flags[plan_data.STORE_SELF]
@@ -228,3 +230,5 @@ class AttentionCacheHook(TgateHook):
         else:
             kept = self._buffer("after", output)
             kept.copy_(torch.where(gate, output, kept))
+
+_compat.diffusers_hook(AttentionCacheHook, stateful=True)

@@ -7,6 +7,7 @@ from typing import Callable, ClassVar
 
 from diffusers.hooks import ModelHook
 
+from .. import _compat
 from ..engine.generation import GenerationState
 
 
@@ -62,13 +63,11 @@ class TgateHook(ModelHook):
     def detached(self, module) -> None:
         """Called when the hook is taken off its module."""
 
-    def deinitalize_hook(self, module):
-        # diffusers' spelling of the removal callback
-        self.detached(module)
-        return module
-
     def __deepcopy__(self, memo):
         raise TypeError(COPY_REFUSAL)
 
     def __reduce_ex__(self, protocol):
         raise TypeError(PICKLE_REFUSAL)
+
+
+_compat.diffusers_hook(TgateHook, stateful=False)

@@ -68,7 +68,7 @@ class BlockFastPathHook(TgateHook):
         """The cached cross-attention output when the fast path can take over, else ``None``."""
         state = self.state
         if (
-            state.call is None
+            state.context.call is None
             or state.plan.cross_attention is not AttentionAction.REUSE
             or hidden_states.ndim != 3
             or hidden_states.dtype not in _FUSED_DTYPES
@@ -76,7 +76,7 @@ class BlockFastPathHook(TgateHook):
             or (cross_attention_kwargs and "gligen" in cross_attention_kwargs)
         ):
             return None
-        cached = self.cross_cache.cache_of(state.call).lookup(state.call.runs)
+        cached = self.cross_cache.cache_of(state.context.call).lookup(state.context.call.runs)
         norm = _feed_forward_norm(block)
         modulation = (block.scale_shift_table,) if block.norm_type == "ada_norm_single" else ()
         if cached is None or cached.shape != hidden_states.shape or not _same_place(hidden_states, norm.weight, norm.bias, cached, *modulation):
@@ -107,8 +107,8 @@ class BlockFastPathHook(TgateHook):
                 class_labels=class_labels,
                 added_cond_kwargs=added_cond_kwargs,
             )
-        if self.state.recorder is not None:
-            self.state.recorder.attention(self.state.step, self.cross_cache.denoiser, True, reused=True)
+        if self.state.context.recorder is not None:
+            self.state.context.recorder.attention(self.state.step, self.cross_cache.denoiser, True, reused=True)
         norm = _feed_forward_norm(block)
         pixart = block.norm_type == "ada_norm_single"
         if pixart:

@@ -15,10 +15,10 @@ separate calls.
 from __future__ import annotations
 
 import torch
-from diffusers.hooks.hooks import BaseState, StateManager
 
 from .. import _compat
-from ..engine.compilation import CompiledForward, CompileSettings
+from ..config import CompileOptions
+from ..engine.compilation import CompiledForward
 from ..engine.guidance import Mode
 from ..engine.guided_arguments import GuidedArguments, spread_output
 from ..engine.recording import RecordedCall
@@ -26,21 +26,15 @@ from ..engine.generation import GenerationState
 from .base import TgateHook
 
 
-class _NoState(BaseState):
-    def reset(self, *args, **kwargs) -> None:
-        pass
-
-
 class DenoiserHook(TgateHook):
     name = "tgate_denoiser"
-    _is_stateful = True
 
     def __init__(self, state: GenerationState, denoiser_name: str, main: bool, arguments: GuidedArguments) -> None:
         super().__init__(state)
         self.denoiser = denoiser_name
         self.main = main
         self.arguments = arguments
-        self.context = StateManager(_NoState)
+        self.cache_context = _compat.cache_context_receiver()
         self.compiled: CompiledForward | None = None
         """The denoiser's forward compiled below this hook (``enable(pipe, compile=...)``)."""
         self._layout_tensors: dict[tuple, dict] = {}
@@ -55,7 +49,7 @@ class DenoiserHook(TgateHook):
         self.compile(self.compiled.settings)  # anew only if the chain below was rewired
         state = self.state
         layout = state.guidance.layout
-        data = state.plan_data
+        data = state.context.plan_data
         sample = args[0] if args else kwargs[self.arguments.sample]
         first_part = layout is None or layout.mode is not Mode.SEPARATE or call.parts[0] == layout.parts[0]
         data.prepare(self.denoiser, state.plan, first_part, sample.device)
@@ -75,16 +69,16 @@ class DenoiserHook(TgateHook):
         data.finished(self.denoiser, state.plan, state.reuse_fills_cache)
         return output
 
-    def compile(self, settings: CompileSettings | None) -> None:
+    def compile(self, settings: CompileOptions | None) -> None:
         """Compile the forward below this hook with ``settings`` (``None``: eager). Compiling
         again with the same settings keeps the compiled graphs."""
         if settings is None:
             self.compiled = None
         elif self.compiled is None or self.compiled.settings != settings or self.compiled.eager is not self.fn_ref.original_forward:
-            self.compiled = CompiledForward(self.fn_ref.original_forward, settings, self.denoiser, self.state.plan_data)
+            self.compiled = CompiledForward(self.fn_ref.original_forward, settings, self.denoiser, self.state.context.plan_data)
 
     def reset_state(self, module):
-        self.context.reset()
+        self.cache_context.reset()
         self._arguments_checked = False
         self.arguments.reset()
         return module
@@ -96,7 +90,7 @@ class DenoiserHook(TgateHook):
             return self.original(*args, **kwargs)
         guidance = state.guidance
         call = guidance.open_call(
-            self.denoiser, self.main, rows, _compat.cache_context_name(self.context), after_gate=not state.plan.cfg_batch,
+            self.denoiser, self.main, rows, _compat.cache_context_name(self.cache_context), after_gate=not state.plan.cfg_batch,
             # a user's torch.compile of the whole denoiser traces this hook: dynamo cannot read a
             # tensor's memory, so its calls of a step are not told apart by timestep there
             timestep=None if torch.compiler.is_compiling() else self.arguments.timestep(args, kwargs),
@@ -110,11 +104,11 @@ class DenoiserHook(TgateHook):
             self.arguments.check(args, kwargs, rows)
             self._arguments_checked = True
         rows_run = 0 if call.replay else rows * len(call.runs) // len(call.parts)
-        if state.recorder is not None:
-            state.recorder.denoiser_call(state.step, RecordedCall(self.denoiser, call.parts, call.runs, rows, rows_run))
+        if state.context.recorder is not None:
+            state.context.recorder.denoiser_call(state.step, RecordedCall(self.denoiser, call.parts, call.runs, rows, rows_run))
         if call.replay:
             return guidance.replayed(call)
-        outer, state.call = state.call, call
+        outer, state.context.call = state.context.call, call
         try:
             if call.cut:
                 state.announce_cut()
@@ -124,7 +118,9 @@ class DenoiserHook(TgateHook):
             else:
                 output = self._run(call, args, kwargs)
         finally:
-            state.call = outer
+            state.context.call = outer
         if call.keep_for_replay:
             guidance.keep_result(call, output)
         return output
+
+_compat.diffusers_hook(DenoiserHook, stateful=True)

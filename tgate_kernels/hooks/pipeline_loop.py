@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from ..schedule import TgateSettings
+from ..config import TgateConfig
 from ..engine.snapshot import InstanceAttributes
 from ..engine.generation import GenerationState
 
-Opening = tuple[TgateSettings, "bool | None"]
+Opening = tuple[TgateConfig, "bool | None"]
 
 
 class _TrackedProgressBar:

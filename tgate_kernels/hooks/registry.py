@@ -24,6 +24,12 @@ def attach(module: torch.nn.Module, hook: TgateHook, had_registry: bool | None =
         had_registry = _compat.registry_of(module) is not None
     had_forward = "forward" in module.__dict__
     registry = HookRegistry.check_if_exists_or_initialize(module)
+    try:
+        _compat.check_hook_registry(registry)
+    except ImportError:
+        if not had_registry:
+            _compat.delete_registry(module)
+        raise
     registry.register_hook(hook, hook.name)
     own = _compat.hook_forward_reference(registry, hook.name).forward
     hook.installed = InstallRecord(had_registry, had_forward, module.forward, own)
@@ -97,6 +103,6 @@ def foreign_caches(root: torch.nn.Module) -> list[str]:
         if registry is None:
             continue
         for hook_name, hook in registry.hooks.items():
-            if hook._is_stateful and not isinstance(hook, TgateHook):
+            if _compat.is_stateful(hook) and not isinstance(hook, TgateHook):
                 found.append(f"{name or type(root).__name__}: {hook_name}")
     return found

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ...config import TgateConfig
+
 _CONFIG_PACKAGE = "tgate_kernels.tools.benchmarking.configs"
 _MANIFEST_NAME = "benchmarks.json"
 
@@ -111,11 +113,13 @@ class Architecture:
         value = self.denoiser_config.get("use_additional_conditions")
         return bool(value) if value is not None else self.denoiser_config.get("sample_size") == 128
 
-    def tgate_settings_kwargs(self, gate_step: int | None = None) -> dict[str, Any]:
-        return dict(
+    def tgate_config(self, gate_step: int | None = None, deepcache: bool = True) -> TgateConfig:
+        """The published setting of this row (its DeepCache too, unless ``deepcache=False``)."""
+        return TgateConfig(
             gate_step=self.gate_step if gate_step is None else gate_step,
             sp_interval=self.sp_interval,
             warm_up=self.warm_up,
+            deepcache=self.deepcache if deepcache else None,
         )
 
     def build_denoiser(self, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
+from ...config import CompileOptions, TgateConfig
 from .architectures import Architecture
 from .memory import PeakMemory
 from .pipelines import build_timing_pipeline, pipeline_call_kwargs
@@ -78,7 +79,7 @@ class LatencyResult:
         return a.median_s / b.median_s
 
 
-def reference_caller(arch: Architecture, ref_pipe, settings: dict) -> Callable[[dict], object]:
+def reference_caller(arch: Architecture, ref_pipe, config: TgateConfig) -> Callable[[dict], object]:
     import tgate
 
     if arch.deepcache is not None:
@@ -89,9 +90,9 @@ def reference_caller(arch: Architecture, ref_pipe, settings: dict) -> Callable[[
 
     def call(kwargs: dict):
         return loaded.tgate(
-            gate_step=settings["gate_step"],
-            sp_interval=settings["sp_interval"],
-            warm_up=settings["warm_up"],
+            gate_step=config.gate_step,
+            sp_interval=config.sp_interval,
+            warm_up=config.warm_up,
             **extra,
             **kwargs,
         )
@@ -117,7 +118,7 @@ class _Variant:
     off: Callable[[], None] = lambda: None
 
 
-def _variants(arch: Architecture, denoiser: torch.nn.Module, names, settings: dict, compile_option) -> dict[str, _Variant]:
+def _variants(arch: Architecture, denoiser: torch.nn.Module, names, config: TgateConfig, compile_option) -> dict[str, _Variant]:
     from ... import api
 
     pipe = build_timing_pipeline(arch, denoiser)
@@ -129,29 +130,29 @@ def _variants(arch: Architecture, denoiser: torch.nn.Module, names, settings: di
             kernels = "off" if name == TGATE_EAGER else "auto"
             variants[name] = _Variant(
                 lambda kwargs: pipe(**kwargs),
-                on=lambda kernels=kernels: api.enable(pipe, **dict(settings, kernels=kernels)),
+                on=lambda kernels=kernels: api.enable(pipe, config=replace(config, kernels=kernels)),
                 off=lambda: api.disable(pipe),
             )
         elif name == TGATE_COMPILED:
             # its own copy of the denoiser, enabled and compiled once: no other variant touches
             # its graphs
             compiled_pipe = build_timing_pipeline(arch, copy.deepcopy(denoiser))
-            api.enable(compiled_pipe, **dict(settings, compile=compile_option))
+            api.enable(compiled_pipe, config=replace(config, compile=compile_option))
             variants[name] = _Variant(lambda kwargs: compiled_pipe(**kwargs))
         elif name == BASELINE_COMPILED:
             variants[name] = _compiled_baseline(arch, copy.deepcopy(denoiser), compile_option)
         elif name == REFERENCE:
             # the reference leaves every attention forward patched: its own copy too
-            variants[name] = _Variant(reference_caller(arch, build_timing_pipeline(arch, copy.deepcopy(denoiser)), settings))
+            variants[name] = _Variant(reference_caller(arch, build_timing_pipeline(arch, copy.deepcopy(denoiser)), config))
     return variants
 
 
 def _compiled_baseline(arch: Architecture, denoiser: torch.nn.Module, compile_option) -> _Variant:
     """The plain pipeline with its denoiser compiled as ``enable(pipe, compile=compile_option)`` would."""
     from ... import _compat
-    from ...engine.compilation import CompileSettings
+    from ...engine.compilation import compile_arguments
 
-    compile_kwargs, inductor = CompileSettings.from_option(compile_option or True).compile_arguments()
+    compile_kwargs, inductor = compile_arguments(CompileOptions.from_option(compile_option or True))
     pipe = build_timing_pipeline(arch, denoiser)
     denoiser.forward = torch.compile(denoiser.forward, **compile_kwargs)
 
@@ -171,7 +172,7 @@ def measure_latency(
     repeats: int,
     device: str,
     dtype: torch.dtype,
-    tgate_kwargs: dict,
+    tgate_config: TgateConfig,
     variants: tuple[str, ...] = (BASELINE, TGATE_EAGER, TGATE),
     compile_option: bool | dict = True,
     on_call: Callable[[str], None] | None = None,
@@ -180,12 +181,12 @@ def measure_latency(
     each (a full call: the compiled variant compiles its graphs there)."""
     denoiser = arch.build_denoiser("cpu", dtype).to(device)
     kwargs = pipeline_call_kwargs(arch, resolution, steps, device, dtype)
-    settings = dict(tgate_kwargs, gate_step=gate_step)
+    config = replace(tgate_config, gate_step=gate_step)
     timings = {name: VariantTiming(name) for name in variants}
     runners: dict[str, _Variant] = {}
     for name in variants:
         try:
-            runners.update(_variants(arch, denoiser, (name,), settings, compile_option))
+            runners.update(_variants(arch, denoiser, (name,), config, compile_option))
         except Exception as error:  # an optional variant (the reference) reports why it did not run
             if name == BASELINE:
                 raise

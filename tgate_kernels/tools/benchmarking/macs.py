@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ... import _compat
 from ...engine.attention_modules import hookable_attentions
-from ...schedule import AttentionAction, TgateSettings, plan_generation
+from ...config import TgateConfig
+from ...schedule import AttentionAction, plan_generation
 from .architectures import Architecture
 from .denoising_loop import DenoisingLoop, denoiser_inputs
 
@@ -100,23 +101,15 @@ def count_macs(work) -> MacsCount:
     return macs_from_op_flops(counter.get_flop_counts().get("Global", {}))
 
 
-def tgate_enable_kwargs(arch: Architecture, gate_step: int | None = None, deepcache: bool = True, **extra) -> dict:
-    kwargs = arch.tgate_settings_kwargs(gate_step)
-    if deepcache and arch.deepcache is not None:
-        kwargs["deepcache"] = dict(arch.deepcache)
-    kwargs.update({k: v for k, v in extra.items() if v is not None})
-    return kwargs
-
-
 def generation_macs(
     arch: Architecture,
-    tgate: dict | None,
+    tgate: TgateConfig | None,
     steps: int | None = None,
     resolution: int | None = None,
     denoiser: torch.nn.Module | None = None,
 ) -> MacsCount:
     """MACs of one generation's denoiser calls on ``meta``. ``tgate`` is ``None`` for the plain
-    pipeline, else the keyword arguments of ``tgate_kernels.enable`` (the loop runs through the
+    pipeline, else the config ``tgate_kernels.enable`` gets (the loop runs through the
     very hooks a real pipeline gets)."""
     from ... import api
 
@@ -124,7 +117,7 @@ def generation_macs(
     loop = DenoisingLoop(arch, denoiser, arch.cfg)
     steps = steps or arch.steps
     if tgate is not None:
-        api.enable(loop, **tgate)
+        api.enable(loop, config=tgate)
     try:
         return count_macs(lambda: loop.run(steps, resolution))
     finally:
@@ -166,7 +159,7 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
 
 def planned_generation_macs(
     breakdown: ForwardBreakdown,
-    settings: TgateSettings | None,
+    settings: TgateConfig | None,
     steps: int,
     cfg: bool,
     parts: int | None = None,

@@ -42,9 +42,10 @@ def count_python_calls(work: Callable[[], object]) -> int:
     return calls
 
 
-def measure_python_calls(arch, *, resolution: int, steps: int, gate_step: int, tgate_kwargs: dict, include_reference: bool = True) -> dict[str, CallCount]:
+def measure_python_calls(arch, *, resolution: int, steps: int, gate_step: int, tgate_config, include_reference: bool = True) -> dict[str, CallCount]:
     """Calls per step of one generation: plain pipeline, T-GATE, and the reference ``tgate``."""
     import copy
+    import dataclasses
 
     import torch
 
@@ -55,10 +56,10 @@ def measure_python_calls(arch, *, resolution: int, steps: int, gate_step: int, t
     denoiser = arch.build_denoiser("cpu")
     pipe = build_timing_pipeline(arch, denoiser)
     kwargs = pipeline_call_kwargs(arch, resolution, steps, "cpu", torch.float32)
-    settings = dict(tgate_kwargs, gate_step=gate_step)
+    config = dataclasses.replace(tgate_config, gate_step=gate_step)
     runs: dict[str, Callable[[], object]] = {BASELINE: lambda: pipe(**kwargs)}
     if include_reference:
-        reference = reference_caller(arch, build_timing_pipeline(arch, copy.deepcopy(denoiser)), settings)
+        reference = reference_caller(arch, build_timing_pipeline(arch, copy.deepcopy(denoiser)), config)
         runs[REFERENCE] = lambda: reference(dict(kwargs))
     counts = {}
     with torch.no_grad():
@@ -66,7 +67,7 @@ def measure_python_calls(arch, *, resolution: int, steps: int, gate_step: int, t
             run()  # first calls import and cache things; count a steady-state call
             counts[name] = CallCount(name, count_python_calls(run), steps)
         # Switching T-GATE on walks the denoiser's modules once; it is not per-step work.
-        api.enable(pipe, **settings)
+        api.enable(pipe, config=config)
         try:
             run = runs[BASELINE]
             run()

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from typing import Callable
 
 import torch
 
-from ...schedule import TgateSettings
 from .architectures import Architecture, architecture
 from .latency import BASELINE, BASELINE_COMPILED, BASELINES, REFERENCE, TGATE, TGATE_COMPILED, TGATE_EAGER, TGATE_VARIANTS, measure_latency, reference_available
-from .macs import forward_breakdown, generation_macs, planned_generation_macs, tgate_enable_kwargs
+from ...config import TgateConfig
+from .macs import forward_breakdown, generation_macs, planned_generation_macs
 from .params import denoiser_params
 from .python_calls import measure_python_calls
 from .results import BenchResults, LatencyRow, MacsRow, MacsSweepRow, PythonCallsRow, ResolutionRow
@@ -71,14 +71,14 @@ def _macs_rows(arch: Architecture, progress: Progress) -> tuple[list[MacsRow], l
     if arch.deepcache is not None:
         # DeepCache alone: T-GATE's gate at the very last step and self-attention computed at
         # every step change no MACs, so this is the DeepCache-only generation.
-        baseline_kwargs = tgate_enable_kwargs(arch, gate_step=arch.steps)
+        baseline_kwargs = arch.tgate_config(gate_step=arch.steps)
         baseline = generation_macs(arch, baseline_kwargs, denoiser=denoiser)
     else:
         # Every step of the plain pipeline is the same call on the same batch.
         baseline = planned_generation_macs(breakdown, None, arch.steps, arch.cfg)
     progress(f"{arch.name}: baseline MACs")
     # T-GATE's generation runs through the very hooks a pipeline gets.
-    gated = generation_macs(arch, tgate_enable_kwargs(arch), denoiser=denoiser)
+    gated = generation_macs(arch, arch.tgate_config(), denoiser=denoiser)
     progress(f"{arch.name}: T-GATE MACs")
     rows = []
     for variant, count, published in ((BASELINE, baseline, arch.published_baseline), (TGATE, gated, arch.published_tgate)):
@@ -115,7 +115,7 @@ def _macs_rows(arch: Architecture, progress: Progress) -> tuple[list[MacsRow], l
             rows[1].macs_floor_any_schedule_with_attention_scores = floor.total
         plain = planned_generation_macs(breakdown, None, arch.steps, arch.cfg)
         for gate_step in range(arch.steps + 1):
-            settings = TgateSettings(gate_step=gate_step, sp_interval=arch.sp_interval, warm_up=arch.warm_up)
+            settings = arch.tgate_config(gate_step=gate_step, deepcache=False)
             planned = planned_generation_macs(breakdown, settings, arch.steps, arch.cfg)
             sweep.append(
                 MacsSweepRow(
@@ -139,18 +139,18 @@ def latency_variants(options: BenchOptions) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _predicted(arch: Architecture, resolution: int, steps: int, gate_step: int, kwargs: dict):
+def _predicted(arch: Architecture, resolution: int, steps: int, gate_step: int, config: TgateConfig):
     """MACs ratios T-GATE / baseline (with, and without, attention scores) at these settings."""
     breakdown = forward_breakdown(arch, resolution=resolution)
     plain = planned_generation_macs(breakdown, None, steps, arch.cfg)
-    settings = TgateSettings(gate_step=gate_step, sp_interval=kwargs["sp_interval"], warm_up=kwargs["warm_up"])
+    settings = replace(config, gate_step=gate_step, deepcache=None)
     gated = planned_generation_macs(breakdown, settings, steps, arch.cfg)
     return gated.total / plain.total, gated.without_attention_scores / plain.without_attention_scores
 
 
 def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress) -> list[LatencyRow]:
     rows = []
-    kwargs = tgate_enable_kwargs(arch)
+    config = arch.tgate_config()
     for gate_step in options.gate_steps or [_scaled_gate(arch, options.steps)]:
         result = measure_latency(
             arch,
@@ -160,12 +160,12 @@ def _latency_rows(arch: Architecture, options: BenchOptions, progress: Progress)
             repeats=options.repeats,
             device=options.device,
             dtype=options.dtype,
-            tgate_kwargs=kwargs,
+            tgate_config=config,
             variants=latency_variants(options),
             compile_option=options.compile,
             on_call=lambda what: progress(f"{arch.name} gate {gate_step}: {what}"),
         )
-        predicted = _predicted(arch, options.resolution, options.steps, gate_step, kwargs)[0]
+        predicted = _predicted(arch, options.resolution, options.steps, gate_step, config)[0]
         for name, timing in result.variants.items():
             gated = name not in BASELINES
             rows.append(
@@ -201,18 +201,18 @@ def _mb(value: int | None) -> float | None:
 def _resolution_rows(arch: Architecture, options: BenchOptions, progress: Progress, main: list[LatencyRow]) -> list[ResolutionRow]:
     """Baseline vs T-GATE at each size of the sweep (the main run's numbers at its own size)."""
     rows = []
-    kwargs = tgate_enable_kwargs(arch)
+    config = arch.tgate_config()
     gate_step = _scaled_gate(arch, options.steps)
     for resolution in options.resolutions:
         measured = {r.variant: r.median_s for r in main if r.resolution == resolution and r.gate_step in (None, gate_step)}
         if not {BASELINE, TGATE} <= set(measured):
             result = measure_latency(
                 arch, resolution=resolution, steps=options.steps, gate_step=gate_step, repeats=options.repeats,
-                device=options.device, dtype=options.dtype, tgate_kwargs=kwargs, variants=(BASELINE, TGATE),
+                device=options.device, dtype=options.dtype, tgate_config=config, variants=(BASELINE, TGATE),
                 on_call=lambda what: progress(f"{arch.name} {resolution}px: {what}"),
             )
             measured = {name: timing.median_s for name, timing in result.variants.items()}
-        with_scores, without_scores = _predicted(arch, resolution, options.steps, gate_step, kwargs)
+        with_scores, without_scores = _predicted(arch, resolution, options.steps, gate_step, config)
         rows.append(
             ResolutionRow(
                 model=arch.name,
@@ -238,7 +238,7 @@ def _python_calls_rows(options: BenchOptions) -> list[PythonCallsRow]:
         resolution=options.python_calls_resolution,
         steps=arch.steps,
         gate_step=arch.gate_step,
-        tgate_kwargs=tgate_enable_kwargs(arch),
+        tgate_config=arch.tgate_config(),
         include_reference=options.reference and reference_available(),
     )
     base = counts[BASELINE].per_step

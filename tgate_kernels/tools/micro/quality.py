@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from ... import api
+from ...config import AutoGate, TgateConfig
 from ...engine.autogate import GateChooser
 from ..benchmarking.fidelity import fidelity
 from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline
@@ -44,7 +45,6 @@ from .world import EVAL_PROMPTS
 
 DEFAULT_GATES: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16)
 """Fixed gate steps of the sweep, out of the micro pipelines' 20 steps."""
-DEEPCACHE_OPTIONS = {"cache_interval": 3, "cache_branch_id": 0}
 OTHER_SEEDS_OFFSET = 1_000_003
 """Offset of the second ungated sample's seeds."""
 
@@ -93,7 +93,7 @@ class QualitySettings:
     batch_size: int = 8
     seed: int = 0
     deepcache: bool = True
-    auto_gate: dict | None = None
+    auto_gate: AutoGate | None = None
     prompts: tuple[str, ...] = EVAL_PROMPTS
 
 
@@ -158,12 +158,12 @@ def _fid(features: ClassifierFeatures, reference: np.ndarray, images: np.ndarray
     return float(metric.compute())
 
 
-def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, dict]]:
-    variants = [(f"gate {gate}", "fixed", {"gate_step": gate}) for gate in settings.gates if gate < steps]
+def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, TgateConfig]]:
+    variants = [(f"gate {gate}", "fixed", TgateConfig(gate_step=gate)) for gate in settings.gates if gate < steps]
     if settings.deepcache and unet:
-        variants += [(f"gate {gate} + DeepCache", "deepcache", {"gate_step": gate, "deepcache": dict(DEEPCACHE_OPTIONS)})
+        variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True))
                      for gate in settings.gates if gate < steps]
-    variants.append(("auto", "auto", {"gate_step": "auto", "auto_gate": settings.auto_gate}))
+    variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate)))
     return variants
 
 
@@ -193,15 +193,15 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
     say(f"{name}: ungated, other seeds")
     other = _generate(pipe, name, prompts, [seed + OTHER_SEEDS_OFFSET for seed in seeds], settings.batch_size)
     rows.append(row("ungated, other seeds", "floor", None, other))
-    for variant, kind, options in _variants(settings, steps, getattr(pipe, "unet", None) is not None):
+    for variant, kind, config in _variants(settings, steps, getattr(pipe, "unet", None) is not None):
         say(f"{name}: {variant}")
-        api.enable(pipe, **options)
+        api.enable(pipe, config=config)
         try:
             generated = _generate(pipe, name, prompts, seeds, settings.batch_size)
         finally:
             api.disable(pipe)
         chosen = generated.gates_chosen
-        gate = (statistics.fmean(chosen) if chosen else None) if kind == "auto" else options["gate_step"]
+        gate = (statistics.fmean(chosen) if chosen else None) if kind == "auto" else config.gate_step
         rows.append(row(variant, kind, gate, generated))
     return rows
 
@@ -229,7 +229,7 @@ def measure_auto_overhead(name: str, settings: QualitySettings = QualitySettings
         return time.perf_counter() - start
 
     originals = {attribute: getattr(GateChooser, attribute) for attribute in ("observe", "step_done")}
-    api.enable(pipe, gate_step="auto", auto_gate=settings.auto_gate)
+    api.enable(pipe, config=TgateConfig(gate_step="auto", auto_gate=settings.auto_gate))
     try:
         generate(settings.seed)  # first-call allocations are not the chooser's
         for attribute, method in originals.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from collections.abc import Sequence
@@ -69,7 +71,7 @@ def overhead_lines(overheads: Sequence[AutoOverhead]) -> list[str]:
 
 
 def render(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settings: QualitySettings) -> str:
-    auto = settings.auto_gate or {}
+    auto = dataclasses.asdict(settings.auto_gate) if settings.auto_gate is not None else {}
     lines = [
         f"{len(settings.prompts)} prompts x {settings.images_per_prompt} seeds, batches of {settings.batch_size} "
         f"(auto decides once per batch), seed {settings.seed}; auto_gate {json.dumps(auto) if auto else 'defaults'}.",

@@ -1,0 +1,52 @@
+"""``tgate-kernels``: benchmark T-GATE on real architectures, generate with it, and evaluate.
+
+    tgate-kernels bench                          # MACs, params, latency, Python calls -> bench/out/
+    tgate-kernels generate --model ID_OR_DIR --prompts prompts.txt --out images/   # resumable
+    accelerate launch -m tgate_kernels generate ...                                # data-parallel
+    tgate-kernels eval plain/ gated/             # PSNR, SSIM, FID, CLIP score between two runs
+    tgate-kernels compare  --model ID_OR_DIR --prompt "..." --gate-steps 5,10,15 --out grid.png
+    tgate-kernels quality                        # adherence, PSNR, SSIM, FID, MACs on the micro world
+    tgate-kernels train-micro --out DIR          # retrain the micro world's pipelines and classifier
+
+One module per command, each with ``add_parser(commands)`` and ``run(args, parser)``. ``bench``
+builds its denoisers from the configs shipped in the package (random weights, nothing
+downloaded); ``generate`` and ``compare`` load pipelines as diffusers does (a local folder, or a
+Hub id downloaded when online unless ``--local-files-only``/``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import bench, compare, evaluate, generate, quality, train_micro
+
+_COMMANDS = (bench, generate, compare, evaluate, quality, train_micro)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tgate-kernels",
+        description="T-GATE for diffusers pipelines: benchmarks on real architectures, and generation with local pipelines.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in _COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["train-micro"]:
+        return train_micro.run(arguments[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.handler(args, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""What the commands share: argument types whose errors name the value and what is allowed
+(argparse adds the option), the options of a pipeline call, and T-GATE's config from the flags.
+
+A ``TgateConfig`` validates T-GATE's options once; its errors, which name the Python arguments,
+are shown here with the flags that set them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ...config import AutoGate, DeepCacheOptions, TgateConfig, check_int
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer >= {minimum}") from None
+        try:
+            return check_int("value", value, minimum)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; expected an integer >= {minimum}") from None
+
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def resolution(text: str) -> int:
+    value = positive_int(text)
+    if value % 64:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; expected a multiple of 64 pixels (e.g. 64, 128, 256, 512)")
+    return value
+
+
+def gate_step(text: str) -> int | float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an int step >= 0, a fraction in (0, 1) or auto") from None
+    if value.is_integer() and "." not in text:
+        return non_negative_int(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed; expected an int step >= 0, a fraction in (0, 1) or auto")
+    return value
+
+
+def resolution_list(text: str) -> list[int]:
+    if text.strip().lower() == "none":
+        return []
+    return [resolution(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected comma-separated integers >= 0, e.g. 5,10,15")
+    return [non_negative_int(item) for item in items]
+
+
+def name_list(text: str) -> list[str]:
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected comma-separated model names")
+    return names
+
+
+def deepcache(text: str) -> DeepCacheOptions:
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not INTERVAL,BRANCH; expected e.g. 3,0")
+    return DeepCacheOptions(cache_interval=positive_int(parts[0]), cache_branch_id=non_negative_int(parts[1]))
+
+
+def auto_gate(text: str) -> AutoGate:
+    option = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE; expected e.g. threshold=0.08,min_fraction=0.2,max_fraction=0.6,patience=2")
+        integer = key.strip() == "patience"
+        try:
+            option[key.strip()] = int(value) if integer else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not {'an integer' if integer else 'a number'}") from None
+    try:
+        return AutoGate.from_option(option)
+    except (TypeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def device(text: str) -> str:
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} is not available on this machine (no CUDA device); use cpu or auto")
+    if parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not supported; expected auto, cpu, cuda or cuda:N")
+    return str(parsed)
+
+
+def resolve_dtype(name: str, device: str, fast_cpu_dtype: bool = False):
+    """``auto``: float16 on CUDA; on a CPU float32, or with ``fast_cpu_dtype`` (benchmarks: what a
+    user after speed would run) bfloat16 where the CPU has native bfloat16 (AVX512-BF16 or AMX)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.startswith("cuda"):
+        return torch.float16
+    if not fast_cpu_dtype:
+        return torch.float32
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return torch.bfloat16 if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else torch.float32
+
+
+# ------------------------------------------------------------------------------------------
+# Options of the commands that load a pipeline and run it
+# ------------------------------------------------------------------------------------------
+
+_FLAGS = {"gate_step": "--gate-step", "sp_interval": "--sp-interval", "fi_interval": "--fi-interval",
+          "warm_up": "--warm-up", "deepcache": "--deepcache", "compile": "--compile", "auto_gate": "--auto-gate"}
+
+
+def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
+    """The model, the prompt's call and T-GATE's schedule: what ``generate`` and ``compare`` share."""
+    sub.add_argument("--model", required=True,
+                     help="a pipeline folder (save_pretrained layout) or a Hugging Face Hub id, downloaded when online as "
+                          "from_pretrained does")
+    sub.add_argument("--local-files-only", action="store_true", help="never download (HF_HUB_OFFLINE=1 does the same)")
+    sub.add_argument("--variant", default=None, help="the weights variant to load, e.g. fp16")
+    sub.add_argument("--negative-prompt", default=None, help="for prompts that give none")
+    sub.add_argument("--steps", type=positive_int, default=25, help="num_inference_steps")
+    sub.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's default when not given")
+    sub.add_argument("--height", type=positive_int, default=None)
+    sub.add_argument("--width", type=positive_int, default=None)
+    sub.add_argument("--seed", type=non_negative_int, default=0, help="base seed (see README: every image's seed follows from its place)")
+    sub.add_argument("--sp-interval", type=positive_int, default=5)
+    sub.add_argument("--fi-interval", type=positive_int, default=1)
+    sub.add_argument("--warm-up", type=non_negative_int, default=2)
+    sub.add_argument("--deepcache", type=deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")
+    sub.add_argument("--device", type=device, default=None,
+                     help="auto, cpu, cuda or cuda:N (default: the process's device under accelerate, else cuda when present)")
+    sub.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 on CPU")
+
+
+def call_kwargs(args: argparse.Namespace) -> dict:
+    """The pipeline call's own arguments the flags set."""
+    kwargs = dict(num_inference_steps=args.steps)
+    optional = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    return kwargs
+
+
+def tgate_config(args: argparse.Namespace, parser: argparse.ArgumentParser, gate: int | float | str) -> TgateConfig:
+    """T-GATE's config from the flags, at ``gate``; a bad combination exits naming the flags."""
+    if isinstance(gate, int) and gate > args.steps:
+        option = "--gate-step" if args.command == "generate" else "--gate-steps"
+        parser.error(f"argument {option}: {gate} is larger than --steps {args.steps}; a gate step must be between 0 and the steps")
+    try:
+        return TgateConfig(gate_step=gate, sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up,
+                           deepcache=args.deepcache, compile=getattr(args, "compile", False),
+                           auto_gate=getattr(args, "auto_gate", None))
+    except (TypeError, ValueError) as error:
+        parser.error(as_flags(str(error)))
+
+
+def as_flags(message: str) -> str:
+    """A config error as the command line says it: ``argument --flag: ...`` with every option
+    named by its flag (``gate_step='auto'`` as ``--gate-step auto``)."""
+    message = re.sub(r"`gate_step=(?:'auto'|(\S+?))`", lambda m: f"--gate-step {m.group(1) or 'auto'}", message)
+    message = re.sub(r"`(\w+)(?:\['(\w+)'\])?`", lambda m: _FLAGS.get(m.group(1), m.group(1)) + (f" {m.group(2)}" if m.group(2) else ""), message)
+    first = re.search(r"--[\w-]+", message)
+    return f"argument {first.group(0)}: {message}" if first else message
+
+
+def load_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser, device: str):
+    from ..jobs.loading import ModelUnavailable, load_pipeline
+
+    try:
+        return load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), variant=args.variant,
+                             local_files_only=args.local_files_only)
+    except ModelUnavailable as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def enable_or_exit(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser, config: TgateConfig) -> None:
+    from ... import api
+
+    try:
+        api.enable(pipe, config=config)
+    except (ValueError, TypeError) as error:
+        parser.exit(2, f"{parser.prog}: error: T-GATE cannot run on --model {args.model}: {error}\n")
+
+
+def save_image(image, path: str) -> None:
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)

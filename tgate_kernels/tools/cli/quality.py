@@ -1,0 +1,54 @@
+"""``tgate-kernels quality``: image quality of T-GATE on the micro world's trained pipelines."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import arguments
+
+
+def add_parser(commands) -> None:
+    quality = commands.add_parser(
+        "quality",
+        help="image quality of T-GATE on the micro world's trained pipelines: adherence, PSNR, SSIM, FID, MACs",
+        description="Generate the micro world's evaluation prompts with the shipped micro pipelines without T-GATE and "
+                    "with fixed gates, fixed gates with DeepCache and gate_step=auto, and report prompt adherence (read "
+                    "back by the micro classifier), PSNR and SSIM against the ungated images, FID on the classifier's "
+                    "features and the MACs ratio, with a Pareto plot. Nothing is downloaded.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    quality.add_argument("--models", type=arguments.name_list, default=["sd", "pixart"], help="comma-separated micro pipelines: sd, pixart")
+    quality.add_argument("--gates", type=arguments.int_list, default=None, help="comma-separated fixed gate steps of the 20 (default 2,4,...,16)")
+    quality.add_argument("--images-per-prompt", type=arguments.positive_int, default=4, help="seeds per evaluation prompt (48 prompts)")
+    quality.add_argument("--batch-size", type=arguments.positive_int, default=8, help="images per pipeline call (auto decides once per call)")
+    quality.add_argument("--seed", type=arguments.non_negative_int, default=0)
+    quality.add_argument("--auto-gate", type=arguments.auto_gate, default=None, metavar="KEY=VALUE,...", help="auto_gate options")
+    quality.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="skip the DeepCache series")
+    quality.add_argument("--no-plot", dest="plot", action="store_false")
+    quality.add_argument("--out", default=os.path.join("bench", "out", "quality"), help="folder for quality.json, quality.md, quality.png")
+    quality.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ..micro.adherence import MICRO_CALL
+    from ..micro.quality import DEFAULT_GATES, QualitySettings, measure_auto_overhead, measure_quality
+    from ..micro.quality_report import render, write_all
+
+    unknown = [name for name in args.models if name not in MICRO_CALL]
+    if unknown:
+        parser.error(f"argument --models: {', '.join(unknown)} not known; expected a comma-separated subset of {', '.join(MICRO_CALL)}")
+    steps = min(MICRO_CALL[name]["num_inference_steps"] for name in args.models)
+    gates = tuple(args.gates) if args.gates is not None else DEFAULT_GATES
+    if not all(0 < gate < steps for gate in gates):
+        parser.error(f"argument --gates: {','.join(map(str, gates))} must each be between 1 and {steps - 1} (the micro pipelines run {steps} steps)")
+    settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+                               seed=args.seed, deepcache=args.deepcache, auto_gate=args.auto_gate)
+    rows, overheads = [], []
+    for name in args.models:
+        rows += measure_quality(name, settings, progress=lambda message: print(message, file=sys.stderr, flush=True))
+        overheads.append(measure_auto_overhead(name, settings))
+    print(render(rows, overheads, settings))
+    print("written: " + ", ".join(write_all(rows, overheads, settings, args.out, plot=args.plot).values()))
+    return 0
