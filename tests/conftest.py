@@ -3,6 +3,7 @@
 The tiny pipelines themselves live in ``tests/fixtures``.
 """
 
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -78,6 +79,32 @@ def output_of(result) -> np.ndarray:
     if isinstance(result, torch.Tensor):
         result = result.detach().cpu().double().numpy()
     return np.asarray(result, dtype=np.float64)
+
+
+def first_changed_step(pipe, baseline_pipe, call_kwargs) -> tuple[int | None, object]:
+    """Runs ``pipe`` and ``baseline_pipe`` on ``call_kwargs()`` and returns the index of the
+    first scheduler step whose latents differ between the two (``None``: none differs), and
+    ``pipe``'s result. T-GATE leaves every step before its gate bit for bit as it was."""
+    outputs = []
+    for runner in (baseline_pipe, pipe):
+        latents, step = [], runner.scheduler.step
+
+        @functools.wraps(step)  # pipelines read its signature (whether it takes a `generator`)
+        def recording(*args, _step=step, _latents=latents, **kwargs):
+            result = _step(*args, **kwargs)
+            _latents.append((result[0] if isinstance(result, tuple) else result.prev_sample).clone())
+            return result
+
+        runner.scheduler.step = recording
+        try:
+            result = runner(**call_kwargs())
+        finally:
+            del runner.scheduler.step
+        outputs.append((latents, result))
+    (plain, _), (gated, result) = outputs
+    assert len(plain) == len(gated)
+    changed = next((index for index, (a, b) in enumerate(zip(plain, gated)) if not torch.equal(a, b)), None)
+    return changed, result
 
 
 def hooked_modules(pipe) -> tuple:

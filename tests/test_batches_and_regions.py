@@ -12,7 +12,7 @@ import tgate_kernels
 from fixtures.families import FAMILIES
 from fixtures.tiny_pipelines import tiny_sd, tiny_sdxl
 
-from conftest import max_abs_diff
+from conftest import first_changed_step, max_abs_diff
 
 SCHEDULE = dict(gate_step=2, sp_interval=2, warm_up=0)
 PROMPTS = ["a tiny red fox", "a blue house by the sea"]
@@ -193,12 +193,11 @@ def test_gligen_grounding_inputs_are_cut_with_the_batch():
     call = dict(prompt=PROMPTS, negative_prompt=NEGATIVES, gligen_phrases=["a fox", "a house"],
                 gligen_boxes=[[0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]], gligen_scheduled_sampling_beta=1.0,
                 num_inference_steps=5, height=32, width=32, output_type="latent")
-    pipe = tgate_kernels.enable(build(), kernels="off", gate_step=2)
+    pipe = tgate_kernels.enable(build(), kernels="off", gate_step=2, sp_interval=1, warm_up=0)
     with tgate_kernels.view(pipe).record() as record:
-        gated = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        changed, gated = first_changed_step(pipe, build(), lambda: dict(call, generator=torch.Generator().manual_seed(0)))
     assert [record.rows_run(step) for step in record.steps] == [[4], [4], [2], [2], [2]]
-    plain = build()(**call, generator=torch.Generator().manual_seed(0)).images
-    assert torch.isfinite(gated).all() and 0 < max_abs_diff(gated, plain) < 1.0
+    assert changed is not None and changed >= 2 and torch.isfinite(gated.images).all(), "steps before the gate are the plain ones"
 
 
 def test_single_part_calls_beside_the_guided_batch_are_refused_in_the_first_step():

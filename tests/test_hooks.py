@@ -149,3 +149,48 @@ def test_a_module_with_our_hooks_refuses_to_be_deep_copied():
     attach(module, AddOurs(1.0))
     with pytest.raises(TypeError, match="cannot be deep-copied"):
         copy.deepcopy(module)
+
+
+def _generation(plan):
+    """The little of a running generation the attention cache hook reads."""
+    from tgate_kernels.engine.generation import CallContext
+
+    return types.SimpleNamespace(runs_here=lambda: True, step=plan.step, plan=plan, context=CallContext(),
+                                 reuse_fills_cache=False)
+
+
+def test_the_attention_cache_caches_the_mean_of_the_text_pair_at_the_gate_and_reuses_it_after():
+    from tgate_kernels.engine.guidance import MERGED, NEGATIVE, PROMPT, DenoiserCall
+    from tgate_kernels.hooks.attention_cache import AttentionCacheHook
+    from tgate_kernels.schedule import AttentionAction, StepPlan
+
+    module = _module()
+    gate = StepPlan(3, AttentionAction.CACHE, AttentionAction.CACHE, cfg_batch=True, average_cfg_halves=True)
+    after = StepPlan(4, AttentionAction.CACHE, AttentionAction.REUSE, cfg_batch=False, average_cfg_halves=False)
+    state = _generation(gate)
+    hook = AttentionCacheHook(state, "unet", cross=True)
+    attach(module, hook)
+    batch = torch.randn(2, 5, 3)  # [negative, prompt]
+    state.context.call = DenoiserCall("unet", (NEGATIVE, PROMPT), (NEGATIVE, PROMPT))
+    at_gate = module(batch)
+    assert torch.equal(at_gate, batch @ module.weight.T)  # computed at the gate
+    state.plan, state.step = after, 4
+    state.context.call = DenoiserCall("unet", (NEGATIVE, PROMPT), (MERGED,))
+    reused = module(torch.full((1, 5, 3), 7.0))
+    assert torch.equal(reused, (at_gate[:1] + at_gate[1:]) / 2)  # the mean, whatever the input
+    hook.reset_state(module)
+    recomputed = module(torch.ones(1, 5, 3))
+    assert torch.equal(recomputed, torch.ones(1, 5, 3) @ module.weight.T)  # nothing cached: computed
+    detach(module, hook.name)
+    assert _untouched(module)
+
+
+def test_the_attention_cache_passes_through_outside_a_generation():
+    from tgate_kernels.hooks.attention_cache import AttentionCacheHook
+
+    module = _module()
+    hook = AttentionCacheHook(types.SimpleNamespace(runs_here=lambda: False), "unet", cross=True)
+    attach(module, hook)
+    assert torch.equal(module(X), X @ module.weight.T)
+    detach(module, hook.name)
+    assert _untouched(module)

@@ -83,15 +83,20 @@ def test_breakdown_splits_self_and_cross_attention():
     assert breakdown.cross_attention.attention_scores == blocks * 2 * tokens * text * dim
 
 
-def test_published_sd15_baseline_and_reference_schedule_reproduced():
-    """The published SD-1.5 row (16.938T at 512 px, 25 steps, CFG) with attention scores left out."""
+def test_published_sd15_baseline_reproduced_and_the_gated_count_follows_the_schedule_by_hand():
+    """The published SD-1.5 baseline (16.938T at 512 px, 25 steps, CFG; attention scores left out,
+    as calflops counts). The published T-GATE row (9.875T) counts something else (its params drop
+    the cross-attention weights too), so the gated count is checked against the schedule worked out
+    by hand: steps 0-9 run the CFG batch, self-attention is reused at steps 3, 4, 6, 7 and 8
+    (warm_up 2, sp_interval 5, gate 10), and steps 10-24 run one half without cross-attention."""
     arch = architecture("sd15")
     breakdown = forward_breakdown(arch)
     baseline = planned_generation_macs(breakdown, None, 25, cfg=True)
     gated = planned_generation_macs(breakdown, TgateConfig(gate_step=10), 25, cfg=True)
-    assert round(baseline.without_attention_scores / 1e12, 2) == 16.93
     assert abs(baseline.without_attention_scores - 16.938e12) / 16.938e12 < 1e-3
-    assert round(gated.without_attention_scores / 1e12, 2) == 11.38
+    forward, self_attention = breakdown.total, breakdown.self_attention
+    by_hand = (forward * 10 - self_attention * 5) * 2 + (forward - breakdown.cross_attention) * 15
+    assert gated == by_hand
 
 
 def test_video_and_dit_configs_count_what_the_engine_skips():

@@ -65,7 +65,7 @@ class _DocumentedChoice(str, enum.Enum):
 class KernelMode(_DocumentedChoice):
     """How transformer blocks run after the gate."""
 
-    AUTO = ("auto", "fused post-gate blocks with the best kernel available")
+    AUTO = ("auto", "blocks fused after the gate, with the best kernel available")
     OFF = ("off", "plain PyTorch, bit-exact with the reference")
 
 

@@ -7,14 +7,15 @@ of ``gate_step="auto"``'s window before its gate is chosen.
 The schedule is the one of the reference implementation (``tgate`` 1.0.0). With ``g`` the
 resolved gate step and ``c`` the 0-based solver step:
 
-* semantics-planning phase, ``c < g - 1``: cross-attention is computed; self-attention is
-  computed for ``c < warm_up``, cached at ``c == warm_up``, then cached when
-  ``c % sp_interval == 0`` and reused otherwise;
+* before the gate (the paper's semantics-planning phase), ``c < g - 1``: cross-attention is
+  computed; self-attention is computed for ``c < warm_up``, cached at ``c == warm_up``, then
+  cached when ``c % sp_interval == 0`` and reused otherwise;
 * gate, ``c == g - 1``: both attention outputs are computed and cached; with a
   classifier-free-guidance (CFG) batch the cache is the mean of its two halves, so it fits the
   halved batch that follows;
-* fidelity-improving phase, ``c >= g``: cross-attention is reused, the CFG batch is dropped,
-  self-attention is cached when ``c % fi_interval == 0`` and reused otherwise.
+* after the gate (the paper's fidelity-improving phase), ``c >= g``: cross-attention is reused,
+  the CFG batch is dropped, self-attention is cached when ``c % fi_interval == 0`` and reused
+  otherwise.
 
 ``REUSE`` falls back to computing (without caching) when nothing was cached yet in this
 generation, as the reference does; with ``gate_step=0`` that means cross-attention is always

@@ -101,7 +101,7 @@ class TgateView:
 
     @property
     def fast_blocks(self) -> tuple[torch.nn.Module, ...]:
-        """Transformer blocks that run the fused post-gate path (``kernels="auto"``)."""
+        """Transformer blocks that run the fused path after the gate (``kernels="auto"``)."""
         return tuple(self._controller.fast_blocks)
 
     @property

@@ -106,13 +106,13 @@ class DenoiserCall:
         return len(self.runs) < len(self.parts) and not self.replay
 
 
-def part_rows(tensor: torch.Tensor, parts: tuple[str, ...], wanted: tuple[str, ...], merged_from: str,
+def part_rows(tensor: torch.Tensor, parts: tuple[str, ...], wanted: tuple[str, ...], kept: str,
               interleaved: bool = False) -> torch.Tensor:
     """The rows of ``wanted`` parts of ``tensor`` (laid out as ``parts``, one block of rows per
     part, or with ``interleaved`` one row per part for each image in turn), as blocks in the
-    order of ``wanted``; ``MERGED`` takes the rows of the part ``merged_from``. A single block
+    order of ``wanted``; ``MERGED`` takes the rows of the part ``kept``. A single block
     is a view."""
-    indices = [parts.index(merged_from if part == MERGED else part) for part in wanted]
+    indices = [parts.index(kept if part == MERGED else part) for part in wanted]
     if interleaved:
         per_image = tensor.unflatten(0, (-1, len(parts)))
         picked = [per_image[:, index].contiguous() for index in indices]
@@ -143,21 +143,21 @@ class GuidanceTracker:
     """The guidance of the generation running on one pipeline, decided from its denoiser calls.
 
     ``batched_parts(rows_per_latent)`` is the pipeline family's knowledge of what a batch of that
-    many parts holds (``None`` when it does not know); ``default_kept`` its reference choice;
+    many parts holds (``None`` when it does not know); ``reference_kept`` its reference choice;
     ``calls_per_step()`` the denoiser calls one solver step makes without guidance (the
     scheduler's order). A pipeline that does not say whether it guides (Kandinsky 5) and calls
     its denoiser more often than that in a step guides by separate calls, the prompt's first.
     """
 
-    def __init__(self, pipeline: str, batched_parts, default_kept: str, kept_option: KeptPart, calls_per_step=lambda: 1,
+    def __init__(self, pipeline: str, batched_parts, reference_kept: str, kept_part: KeptPart, calls_per_step=lambda: 1,
                  guided_now=lambda: None) -> None:
         self.pipeline = pipeline
         self.calls_per_step = calls_per_step
         self.guided_now = guided_now
         """What the pipeline says of its guidance at this moment (a callback may have turned it off)."""
         self.batched_parts = batched_parts
-        self.default_kept = default_kept
-        self.kept_option = kept_option
+        self.reference_kept = reference_kept
+        self.kept_part = kept_part
         self.layout: GuidanceLayout | None = None
         self.latent_batch: int | None = None
         self.says_guided: bool | None = None
@@ -292,7 +292,7 @@ class GuidanceTracker:
             first = _CONTEXT_PARTS.get(context, PROMPT)
             parts = (first, NEGATIVE if first == PROMPT else PROMPT)
             kept = first
-            if self.kept_option is KeptPart.CONDITIONAL and first != PROMPT:
+            if self.kept_part is KeptPart.CONDITIONAL and first != PROMPT:
                 raise GuidanceNotRecognised(
                     f"{self.pipeline} calls {denoiser} for the negative prompt before the prompt; after the gate the "
                     f"first call of a step runs, so kept_part='conditional' cannot be honoured: use kept_part='auto'."
@@ -305,10 +305,10 @@ class GuidanceTracker:
             raise self._not_recognised(
                 denoiser, per_latent * (self.latent_batch or 1), f"({per_latent} parts per latent, a layout T-GATE does not know for this pipeline)"
             )
-        if self.kept_option is KeptPart.CONDITIONAL or self._auxiliary_prompt_only:
+        if self.kept_part is KeptPart.CONDITIONAL or self._auxiliary_prompt_only:
             kept = PROMPT
         else:
-            kept = self.default_kept
+            kept = self.reference_kept
         return GuidanceLayout(Mode.BATCHED, parts, kept)
 
     def _rows_per_latent(self, denoiser: str, rows: int) -> int:

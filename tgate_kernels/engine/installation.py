@@ -140,7 +140,7 @@ class TgateController:
         # under torch.compile inductor fuses the plain residual additions and LayerNorm itself,
         # which measured faster than calling the opaque fused op (bench/RESULTS.md)
         self._set_fast_blocks(config.kernels is KernelMode.AUTO and config.compile is None)
-        self.state.guidance.kept_option = config.kept_part
+        self.state.guidance.kept_part = config.kept_part
         for module, hook in self._hooks:
             if isinstance(hook, DenoiserHook):
                 hook.compile(config.compile)

@@ -1,4 +1,4 @@
-"""The post-gate fast path of a diffusers ``BasicTransformerBlock``.
+"""The fast path of a diffusers ``BasicTransformerBlock`` after the gate.
 
 After the gate a block's cross-attention output is a cached tensor, yet the block still computes
 ``norm2`` for a cross-attention that no longer runs, adds the cached output in a pass of its
@@ -25,6 +25,9 @@ from .base import TgateHook
 
 _FAST_NORM_TYPES = ("layer_norm", "ada_norm_single")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK_ARGUMENTS = ("attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
+                    "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
+"""``BasicTransformerBlock.forward``'s arguments after ``hidden_states``, in order."""
 
 
 def supports_fast_path(block: torch.nn.Module) -> bool:
@@ -83,30 +86,12 @@ class BlockFastPathHook(TgateHook):
             return None
         return cached
 
-    def forward_in_generation(
-        self,
-        block,
-        hidden_states,
-        attention_mask=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        timestep=None,
-        cross_attention_kwargs=None,
-        class_labels=None,
-        added_cond_kwargs=None,
-    ):
+    def forward_in_generation(self, block, hidden_states, *args, **kwargs):
+        named = dict(zip(_BLOCK_ARGUMENTS, args), **kwargs)
+        cross_attention_kwargs = named.get("cross_attention_kwargs")
         cross_output = self._cached_cross(block, hidden_states, cross_attention_kwargs)
         if cross_output is None:
-            return self.original(
-                hidden_states,
-                attention_mask=attention_mask,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                timestep=timestep,
-                cross_attention_kwargs=cross_attention_kwargs,
-                class_labels=class_labels,
-                added_cond_kwargs=added_cond_kwargs,
-            )
+            return self.original(hidden_states, *args, **kwargs)
         if self.state.context.recorder is not None:
             self.state.context.recorder.attention(self.state.step, self.cross_cache.denoiser, True, reused=True)
         norm = _feed_forward_norm(block)
@@ -114,13 +99,14 @@ class BlockFastPathHook(TgateHook):
         if pixart:
             batch = hidden_states.shape[0]
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
+                block.scale_shift_table[None] + named["timestep"].reshape(batch, 6, -1)
             ).chunk(6, dim=1)
             norm_hidden_states = block.norm1(hidden_states) * (1 + scale_msa) + shift_msa
         else:
             norm_hidden_states = block.norm1(hidden_states)
         attn_output = block.attn1(
-            norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **(cross_attention_kwargs or {})
+            norm_hidden_states, encoder_hidden_states=None, attention_mask=named.get("attention_mask"),
+            **(cross_attention_kwargs or {})
         )
         modulation = dict(gate=gate_msa, scale=scale_mlp, shift=shift_mlp) if pixart else {}
         hidden_states, norm_hidden_states = ops.post_gate_residual_norm(

@@ -1,4 +1,4 @@
-"""Fused kernels for the post-gate part of a transformer block.
+"""Fused kernels for what a transformer block does after the gate.
 
 After the T-GATE gate step a ``BasicTransformerBlock``'s cross-attention output is a
 cached tensor, so between self-attention and the feed-forward only this remains::
@@ -19,9 +19,10 @@ Shapes: ``hidden``, ``attn_out``, ``cross`` are ``(B, N, D)`` or ``(rows, D)``;
 tokens without being materialised), ``(1, 1, D)`` or ``(D,)``; ``weight``, ``bias`` are
 ``(D,)``.  All tensors share one dtype (float32, float16 or bfloat16) and device; the
 kernels accumulate in float32 and return contiguous tensors in the input dtype.
-Non-contiguous inputs are accepted and made contiguous.  ``n`` is the normalisation of
-the returned ``h`` after rounding to the input dtype.  Inference only: the op has no
-backward.
+Non-contiguous inputs are accepted: the C++ kernel compacts them first, the Triton kernel
+reads them through their strides (copying only a tensor whose last dimension is strided).
+``n`` is the normalisation of the returned ``h`` after rounding to the input dtype.
+Inference only: the op has no backward.
 
 Importing this module is cheap: it loads the C++ extension if built, never triton.
 """

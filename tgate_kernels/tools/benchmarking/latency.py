@@ -9,7 +9,7 @@ constant. Variants are measured alternately (baseline, T-GATE, reference, baseli
 drifts of the machine hit them alike; the median of the repeats is reported.
 
 T-GATE is timed as ``tgate-eager`` (``kernels="off"``: plain PyTorch, the reference's exact
-arithmetic), ``tgate`` (``kernels="auto"``: the fused post-gate block fast path) and, when asked,
+arithmetic), ``tgate`` (``kernels="auto"``: the fused block fast path after the gate) and, when asked,
 ``tgate-compiled`` (``enable(pipe, compile=True)``: compiled in its first, untimed call, whose
 duration and memory are reported as what compiling costs), next to ``baseline-compiled``, the
 plain denoiser compiled the same way (``torch.compile`` with the same backend and inductor
