@@ -97,7 +97,9 @@ def test_the_config_a_generate_job_runs_with_is_in_its_run_json(saved_tiny_sd, t
             "--sp-interval", "2", "--deepcache", "2,0", "--out", str(out), "--local-files-only"]
     assert cli.main(argv) == 0
     stored = json.loads((out / "run.json").read_text())["tgate"]
-    assert TgateConfig.from_dict(stored) == TgateConfig(gate_step=0.5, sp_interval=2, deepcache=DeepCacheOptions(2, 0))
+    # the gate as the step it resolves to (half of 3 steps, rounded half up), so that an equal
+    # job spelled with the step itself is the same job
+    assert TgateConfig.from_dict(stored) == TgateConfig(gate_step=2, sp_interval=2, deepcache=DeepCacheOptions(2, 0))
 
 
 def test_the_config_and_the_schedule_import_without_torch():

@@ -150,7 +150,7 @@ def test_default_fid_without_torch_fidelity_explains_and_the_rest_still_runs(tmp
     report = evaluate(str(a), str(b))
 
     assert report.fid is None
-    assert "pip install torch-fidelity" in report.fid_note and "fid_features" in report.fid_note
+    assert "pip install torch-fidelity" in report.fid_note and "--fid-features" in report.fid_note
     assert len(report.pairs) == 2 and math.isfinite(report.mean_psnr) and report.mean_ssim < 1
     assert report.fid_note in render(report)
 
@@ -224,7 +224,7 @@ def test_clip_score_with_a_local_model(tmp_path):
     assert same.clip_score_a == pytest.approx(same.clip_score_b)
 
 
-def test_write_report_writes_json_csv_and_png(tmp_path):
+def test_write_report_writes_md_json_csv_and_png(tmp_path):
     reference = random_images(5, high=246)
     a = write_folder(tmp_path / "a", keyed(reference))
     b = write_folder(tmp_path / "b", keyed(reference[:2] + [image + 10 for image in reference[2:]]))
@@ -232,7 +232,8 @@ def test_write_report_writes_json_csv_and_png(tmp_path):
 
     paths = write_report(report, str(tmp_path / "out"), pairs_shown=3)
 
-    assert paths == {kind: str(tmp_path / "out" / f"eval.{kind}") for kind in ("json", "csv", "png")}
+    assert paths == {kind: str(tmp_path / "out" / f"eval.{kind}") for kind in ("md", "json", "csv", "png")}
+    assert render(report) in (tmp_path / "out" / "eval.md").read_text()
     with open(paths["csv"], newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert [row["key"] for row in rows] == [p.key for p in report.pairs]

@@ -104,7 +104,8 @@ def test_a_rerun_makes_only_what_is_missing_and_a_crash_mid_write_is_not_taken_f
     assert cli.main(_job(saved_tiny_sd, out, "--batch-size", "2", prompts_file=prompts)) == 0
     assert "2 images written (3 already there)" in capsys.readouterr().out
     assert {n: a.tolist() for n, a in _images(out).items()} == {n: a.tolist() for n, a in expected.items()}
-    assert sorted(row["file"] for row in _rows(out)).count("000001_00.png") == 2, "a row for each time it was written"
+    assert sorted(row["file"] for row in _rows(out)) == sorted(expected), "one row per image, the remade ones too"
+    assert cli.main(["eval", str(complete), str(out), "--out", str(tmp_path / "report")]) == 0
 
     # an interrupt after the third image's file was written but before it was renamed and recorded
     crashed = tmp_path / "crashed"
@@ -118,8 +119,11 @@ def test_a_rerun_makes_only_what_is_missing_and_a_crash_mid_write_is_not_taken_f
         return original(self, image, file, row)
 
     monkeypatch.setattr(OutputFolder, "save", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(_job(saved_tiny_sd, crashed, prompts_file=prompts))
+    capsys.readouterr()
+    assert cli.main(_job(saved_tiny_sd, crashed, prompts_file=prompts)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"interrupted: 2 of 5 images are in {crashed}; run the same command again to make the rest"
+    assert "Traceback" not in "".join(err)
     monkeypatch.setattr(OutputFolder, "save", original)
     assert len(_images(crashed)) == 2
     capsys.readouterr()
@@ -190,7 +194,7 @@ def test_a_folder_of_another_run_is_refused_and_left_untouched(saved_tiny_sd, tm
         argv[argv.index("--steps"):argv.index("--steps") + 2] = []
         with pytest.raises(SystemExit):
             cli.main(argv + ["--steps", "3"] + changed if changed[0] != "--steps" else argv + changed)
-        assert "holds another run's images" in capsys.readouterr().err
+        assert "holds another job's images" in capsys.readouterr().err
     assert {name: os.path.getmtime(out / name) for name in os.listdir(out)} == before
 
 

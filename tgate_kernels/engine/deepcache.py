@@ -22,6 +22,7 @@ from ..config import DeepCacheOptions
 from .snapshot import InstanceAttributes
 from .generation import GenerationState, StepListener
 
+
 class DeepCacheCoordinator(StepListener):
     """Runs a ``DeepCacheSDHelper`` on ``pipe`` during each T-GATE generation."""
 

@@ -82,6 +82,8 @@ class EvalReport:
     only_in_a: list[str]
     """Images of A without a partner in B, as ``"<key> (seed <seed>)"``."""
     only_in_b: list[str]
+    settings_note: str | None = None
+    """The job settings (``run.json``) in which B differs from A; None when they agree or are unknown."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,25 @@ def _read_folder(directory: str, label: str) -> dict[tuple[int, int, int], _Entr
     return entries
 
 
+def _settings_note(dir_a: str, dir_b: str) -> str | None:
+    """Which job settings differ between two ``generate`` folders (their ``run.json``)."""
+    runs = []
+    for directory in (dir_a, dir_b):
+        try:
+            with open(os.path.join(directory, "run.json"), encoding="utf-8") as handle:
+                runs.append(json.load(handle))
+        except (OSError, ValueError):
+            return None
+    a, b = runs
+    differ = sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+    if not differ:
+        return None
+    shown = "; ".join(f"{key}: {json.dumps(a.get(key))} in A, {json.dumps(b.get(key))} in B" for key in differ)
+    return f"the runs differ in {shown}"
+
+
 def _fid_metric(fid_features: int | torch.nn.Module | None, pairs: int, image_size: tuple[int, int],
-                device: torch.device) -> tuple[Any, str | None]:
+                device: torch.device, weights: str | None = None) -> tuple[Any, str | None]:
     """The FID metric to feed, or None and the reason."""
     feature = 2048 if fid_features is None else fid_features
     if isinstance(feature, bool) or not isinstance(feature, (int, torch.nn.Module)):
@@ -190,9 +209,9 @@ def _fid_metric(fid_features: int | torch.nn.Module | None, pairs: int, image_si
         # without `num_features` with one random image of this size.
         metric = FrechetInceptionDistance(feature=feature, normalize=True, input_img_size=(3, height, width))
         return metric.to(device), None
-    own = "or pass your own feature extractor (fid_features=<torch.nn.Module>)"
+    own = "or give --fid-features the weights file, or `micro` for the micro world's classifier features"
     try:
-        metric = FrechetInceptionDistance(feature=feature)
+        metric = FrechetInceptionDistance(feature=feature, feature_extractor_weights_path=weights)
     except ImportError:
         return None, (f"FID skipped: InceptionV3 features need torch-fidelity: `pip install torch-fidelity` "
                       f"(or `pip install 'torchmetrics[image]'`), {own}")
@@ -206,7 +225,7 @@ def _fid_metric(fid_features: int | torch.nn.Module | None, pairs: int, image_si
 def _clip_metrics(clip_model: str | None, device: torch.device) -> tuple[tuple[Any, Any] | None, str | None]:
     """One CLIPScore per folder, sharing one model, or None and the reason."""
     if clip_model is None:
-        return None, "CLIP score not asked for: pass a local CLIP model folder or cached model id (clip_model=...)"
+        return None, "CLIP score not asked for: give --clip-model a local CLIP model folder or a cached model id"
     if not isinstance(clip_model, str) or not clip_model:
         raise TypeError(f"clip_model must be None or a CLIP model folder or id, got {clip_model!r}")
     if (os.path.isabs(clip_model) or clip_model.startswith(".")) and not os.path.isdir(clip_model):
@@ -237,8 +256,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _load(path: str) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"))
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:  # not an image, or a file cut short
+        raise ValueError(f"{path} is not a readable image ({_first_line(error)})") from None
 
 
 def _same_size_runs(images: list[np.ndarray]) -> list[list[np.ndarray]]:
@@ -267,7 +289,8 @@ def _score(entry_a: _Entry, entry_b: _Entry, image_a: np.ndarray, image_b: np.nd
 
 
 def evaluate(dir_a: str, dir_b: str, *, fid_features: int | torch.nn.Module | None = None,
-             clip_model: str | None = None, device: str | torch.device = "cpu", batch_size: int = 16) -> EvalReport:
+             clip_model: str | None = None, device: str | torch.device = "cpu", batch_size: int = 16,
+             fid_weights: str | None = None) -> EvalReport:
     """Compare the images of ``dir_b`` with those of ``dir_a`` (the reference), pair by pair and as sets.
 
     ``fid_features`` picks FID's feature extractor:
@@ -280,6 +303,9 @@ def evaluate(dir_a: str, dir_b: str, *, fid_features: int | torch.nn.Module | No
       it returns (N, d) features. An int ``num_features`` attribute gives d; without it torchmetrics
       calls the module once on the CPU with one random (1, 3, H, W) image to find it.
 
+    ``fid_weights``: a local file of torch-fidelity's InceptionV3 weights, for the InceptionV3
+    features without a download.
+
     ``clip_model`` (a local folder or a model id in the Hugging Face cache, loaded with
     ``local_files_only``) adds each folder's CLIP score against its prompts; None skips it.
     ``batch_size`` images of each folder are in memory at a time.
@@ -289,12 +315,19 @@ def evaluate(dir_a: str, dir_b: str, *, fid_features: int | torch.nn.Module | No
     entries_a = _read_folder(dir_a, "A")
     entries_b = _read_folder(dir_b, "B")
     matched = sorted(entries_a.keys() & entries_b.keys())
+    other = [key for key in matched if entries_a[key].prompt != entries_b[key].prompt]
+    if other:
+        a, b = entries_a[other[0]], entries_b[other[0]]
+        raise ValueError(
+            f"folders A and B hold different prompts: {len(other)} of {len(matched)} pairs differ, e.g. {a.label} is "
+            f"{a.prompt!r} in A ({dir_a}) and {b.prompt!r} in B ({dir_b}); compare runs of the same prompts file"
+        )
     if not matched:
         raise ValueError(f"no image of folder A ({dir_a}, {len(entries_a)} images) pairs up with one of folder B "
                          f"({dir_b}, {len(entries_b)} images) by (index, image, seed)")
     device = torch.device(device)
-    with Image.open(entries_a[matched[0]].path) as first:
-        fid, fid_note = _fid_metric(fid_features, len(matched), first.size, device)
+    first = _load(entries_a[matched[0]].path)
+    fid, fid_note = _fid_metric(fid_features, len(matched), (first.shape[1], first.shape[0]), device, fid_weights)
     clip, clip_note = _clip_metrics(clip_model, device)
 
     float_images = isinstance(fid_features, torch.nn.Module)
@@ -331,6 +364,7 @@ def evaluate(dir_a: str, dir_b: str, *, fid_features: int | torch.nn.Module | No
         clip_note=clip_note,
         only_in_a=[entries_a[key].label for key in sorted(entries_a.keys() - entries_b.keys())],
         only_in_b=[entries_b[key].label for key in sorted(entries_b.keys() - entries_a.keys())],
+        settings_note=_settings_note(dir_a, dir_b),
     )
 
 
@@ -362,7 +396,7 @@ def render(report: EvalReport) -> str:
         f"FID: {_optional(report.fid, 3)}",
         f"CLIP score: A {_optional(report.clip_score_a, 2)}, B {_optional(report.clip_score_b, 2)}",
     ]
-    for note in (report.fid_note, report.clip_note):
+    for note in (report.settings_note, report.fid_note, report.clip_note):
         if note:
             lines.append(f"note: {note}")
     for side, keys in (("A", report.only_in_a), ("B", report.only_in_b)):
@@ -383,12 +417,15 @@ def _json_value(value: Any) -> Any:
 
 
 def write_report(report: EvalReport, out_dir: str, pairs_shown: int = 4) -> dict[str, str]:
-    """Write eval.json (everything), eval.csv (one row per pair) and eval.png (the ``pairs_shown``
-    pairs of lowest SSIM, and histograms of PSNR and SSIM) into ``out_dir``; return their paths."""
+    """Write eval.md (the table and notes), eval.json (everything), eval.csv (one row per pair) and
+    eval.png (the ``pairs_shown`` pairs of lowest SSIM, and histograms of PSNR and SSIM) into
+    ``out_dir``; return their paths."""
     if isinstance(pairs_shown, bool) or not isinstance(pairs_shown, int) or pairs_shown < 0:
         raise ValueError(f"pairs_shown must be an int >= 0, got {pairs_shown!r}")
     os.makedirs(out_dir, exist_ok=True)
-    paths = {kind: os.path.join(out_dir, f"eval.{kind}") for kind in ("json", "csv", "png")}
+    paths = {kind: os.path.join(out_dir, f"eval.{kind}") for kind in ("md", "json", "csv", "png")}
+    with open(paths["md"], "w", encoding="utf-8") as handle:
+        handle.write(f"# eval\n\n```\n{render(report)}\n```\n")
     with open(paths["json"], "w", encoding="utf-8") as handle:
         json.dump(_json_value(dataclasses.asdict(report)), handle, indent=2, allow_nan=False)
         handle.write("\n")

@@ -24,16 +24,35 @@ from . import bench, compare, evaluate, generate, quality, train_micro
 
 _COMMANDS = (bench, generate, compare, evaluate, quality, train_micro)
 
+_OPTIONAL = {
+    "skimage": ("scikit-image", "pip install 'tgate_kernels[bench]'"),
+    "torchmetrics": ("torchmetrics", "pip install 'tgate_kernels[bench]'"),
+    "matplotlib": ("matplotlib", "pip install 'tgate_kernels[bench]'"),
+    "DeepCache": ("DeepCache", "pip install 'tgate_kernels[deepcache]'"),
+    "torch_fidelity": ("torch-fidelity", "pip install torch-fidelity"),
+}
+"""Optional packages some commands need, by import name, and how to install them."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tgate-kernels",
         description="T-GATE for diffusers pipelines: benchmarks on real architectures, and generation with local pipelines.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in _COMMANDS:
         command.add_parser(commands)
+    for sub in commands.choices.values():
+        # errors found after parsing are the command's: they show its usage
+        sub.set_defaults(command_parser=sub)
     return parser
+
+
+def _version() -> str:
+    from ... import __version__
+
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,7 +64,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args, parser)
+    command_parser = args.command_parser
+    try:
+        return args.handler(args, command_parser)
+    except ModuleNotFoundError as error:
+        missing = _OPTIONAL.get((error.name or "").split(".")[0])
+        if missing is None:
+            raise
+        package, install = missing
+        command_parser.error(f"this needs {package}, which is not installed: {install}")
 
 
 if __name__ == "__main__":

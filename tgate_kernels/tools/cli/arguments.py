@@ -147,12 +147,21 @@ def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--negative-prompt", default=None, help="for prompts that give none")
     sub.add_argument("--steps", type=positive_int, default=25, help="num_inference_steps")
     sub.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's default when not given")
+    sub.add_argument("--guidance-rescale", type=float, default=None,
+                     help="the pipeline's guidance_rescale (SD, SDXL), the pipeline's default when not given")
+    sub.add_argument("--eta", type=float, default=None, help="DDIM's eta, for pipelines that take it")
+    sub.add_argument("--scheduler", default=None, metavar="CLASS",
+                     help="a diffusers scheduler class (e.g. DPMSolverMultistepScheduler), built from the model's "
+                          "scheduler config; the model's own when not given")
     sub.add_argument("--height", type=positive_int, default=None)
     sub.add_argument("--width", type=positive_int, default=None)
     sub.add_argument("--seed", type=non_negative_int, default=0, help="base seed (see README: every image's seed follows from its place)")
-    sub.add_argument("--sp-interval", type=positive_int, default=5)
-    sub.add_argument("--fi-interval", type=positive_int, default=1)
-    sub.add_argument("--warm-up", type=non_negative_int, default=2)
+    sub.add_argument("--sp-interval", type=positive_int, default=5,
+                     help="before the gate, self-attention is computed every this many steps and reused in between")
+    sub.add_argument("--fi-interval", type=positive_int, default=1,
+                     help="after the gate, the same interval (1: computed every step)")
+    sub.add_argument("--warm-up", type=non_negative_int, default=2,
+                     help="steps at the start that compute self-attention before it is first cached")
     sub.add_argument("--deepcache", type=deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")
     sub.add_argument("--device", type=device, default=None,
                      help="auto, cpu, cuda or cuda:N (default: the process's device under accelerate, else cuda when present)")
@@ -162,7 +171,8 @@ def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
 def call_kwargs(args: argparse.Namespace) -> dict:
     """The pipeline call's own arguments the flags set."""
     kwargs = dict(num_inference_steps=args.steps)
-    optional = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+    optional = dict(guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale, eta=args.eta,
+                    height=args.height, width=args.width)
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs
 
@@ -190,13 +200,32 @@ def as_flags(message: str) -> str:
 
 
 def load_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser, device: str):
+    """The pipeline ``--model`` names, with ``--scheduler`` and the call options it must take."""
+    import inspect
+
     from ..jobs.loading import ModelUnavailable, load_pipeline
 
     try:
-        return load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), variant=args.variant,
+        pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), variant=args.variant,
                              local_files_only=args.local_files_only)
     except ModelUnavailable as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        parser.error(str(error))
+    if args.scheduler is not None:
+        import diffusers
+
+        compatible = sorted(c.__name__ for c in getattr(pipe.scheduler, "compatibles", ()))
+        scheduler = getattr(diffusers, args.scheduler, None)
+        if not isinstance(scheduler, type) or args.scheduler not in compatible:
+            parser.error(f"argument --scheduler: {args.scheduler!r} is not a scheduler {type(pipe).__name__} can use; "
+                         f"choose one of {', '.join(compatible)}")
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    for flag, name in (("--guidance-rescale", "guidance_rescale"), ("--eta", "eta")):
+        if getattr(args, name) is not None and name not in accepted:
+            parser.error(f"argument {flag}: {type(pipe).__name__} does not take {name}")
+    if getattr(args, "quiet", False):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def enable_or_exit(pipe, args: argparse.Namespace, parser: argparse.ArgumentParser, config: TgateConfig) -> None:
@@ -204,8 +233,8 @@ def enable_or_exit(pipe, args: argparse.Namespace, parser: argparse.ArgumentPars
 
     try:
         api.enable(pipe, config=config)
-    except (ValueError, TypeError) as error:
-        parser.exit(2, f"{parser.prog}: error: T-GATE cannot run on --model {args.model}: {error}\n")
+    except (ValueError, TypeError, ImportError) as error:
+        parser.error(f"T-GATE cannot run on --model {args.model}: {error}")
 
 
 def save_image(image, path: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from . import arguments
@@ -24,6 +25,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..benchmarking.fidelity import fidelity, labelled_grid
     from ..benchmarking.report import format_table
 
+    if os.path.isdir(args.out) or os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        parser.error(f"argument --out: {args.out!r} is not an image file to write; expected a .png, .jpg or .webp path")
     configs = [arguments.tgate_config(args, parser, gate) for gate in args.gate_steps]
     pipe = arguments.load_or_exit(args, parser, args.device or arguments.device("auto"))
     arguments.enable_or_exit(pipe, args, parser, configs[0])

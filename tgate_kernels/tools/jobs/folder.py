@@ -1,11 +1,15 @@
 """The output folder of a generation job: images, ``metadata.jsonl`` and ``run.json``.
 
-``run.json`` holds what decides the images (model, dtype, steps, T-GATE settings, ...): a rerun
-into the same folder must ask for the same, or it is refused before anything is generated, so
-one folder never mixes two runs. ``metadata.jsonl`` has one row per image, appended after the
-image is in place; an image counts as done when its row and its file are both there. Images are
-written to a temporary name and renamed, so a file cut short by a crash is never taken for a
-finished one.
+``run.json`` identifies the job: everything that decides its images (the prompts file's
+content, model, dtype, steps, batch size, T-GATE's config, ...). A rerun into the same folder
+must ask for the same job, or it is refused before anything is generated, so one folder never
+mixes two jobs. ``metadata.jsonl`` has one row per image, appended after the image is in place;
+an image counts as done when its row and its file are both there. Images are written to a
+temporary name and renamed, so a file cut short by a crash is never taken for a finished one.
+
+A resume first puts the folder in order (:meth:`OutputFolder.prepare_resume`): a row cut short
+by a crash, a row whose image the user deleted (to have it made again) and a stray partial file
+go, so every image the job makes again gets exactly one row.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 from typing import Iterable
 
 RUN_FILE = "run.json"
+_FORMATS = {".jpg": "JPEG", ".webp": "WEBP"}
 METADATA_FILE = "metadata.jsonl"
 
 
@@ -23,8 +28,10 @@ class FolderError(ValueError):
 
 
 class OutputFolder:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, image_quality: int = 95) -> None:
         self.path = path
+        self.image_quality = image_quality
+        """JPEG/WebP quality of the images saved (PNG is lossless)."""
 
     def check_run(self, settings: dict) -> None:
         """Refuse a folder that holds another run's images; remember this run's settings."""
@@ -36,8 +43,8 @@ class OutputFolder:
             if differ:
                 shown = "; ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differ[:4])
                 raise FolderError(
-                    f"--out {self.path!r} holds another run's images ({shown}); use another folder, or the same settings "
-                    f"to resume that run"
+                    f"--out {self.path!r} holds another job's images ({shown}); use another folder, or the same prompts "
+                    f"and settings to resume that job"
                 )
         elif os.path.exists(os.path.join(self.path, METADATA_FILE)):
             raise FolderError(f"--out {self.path!r} holds a {METADATA_FILE} but no {RUN_FILE}: not a folder of this tool")
@@ -48,27 +55,62 @@ class OutputFolder:
         if not os.path.exists(run_file):
             self._write_atomically(run_file, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
-    def done(self) -> set[tuple[int, int, int]]:
-        """(index, image, seed) of every image whose metadata row and file are both there."""
+    def _rows(self) -> tuple[list[dict], bool]:
+        """The readable rows of images still there, one per image (the last), and whether the
+        file holds anything else (a row cut short, a row of a deleted image, a repeated one)."""
         metadata = os.path.join(self.path, METADATA_FILE)
         if not os.path.exists(metadata):
-            return set()
-        found = set()
+            return [], False
+        kept: dict[tuple, dict] = {}
+        lines = 0
         with open(metadata, encoding="utf-8") as handle:
             for line in handle:
+                if not line.strip():
+                    continue
+                lines += 1
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
+                    key = (row["index"], row["image"], row["seed"])
+                except (json.JSONDecodeError, TypeError, KeyError):
                     continue  # a row cut short by a crash: its image is made again
-                if os.path.exists(os.path.join(self.path, row.get("file", ""))):
-                    found.add((row["index"], row["image"], row["seed"]))
-        return found
+                if line.endswith("\n") and os.path.exists(os.path.join(self.path, str(row.get("file", "")))):
+                    kept.pop(key, None)
+                    kept[key] = row
+        return list(kept.values()), lines != len(kept)
+
+    def done(self) -> set[tuple[int, int, int]]:
+        """(index, image, seed) of every image whose metadata row and file are both there."""
+        return {(row["index"], row["image"], row["seed"]) for row in self._rows()[0]}
+
+    def prepare_resume(self) -> set[tuple[int, int, int]]:
+        """Put the folder in order for a resume (see the module) and return what is done. Run by
+        one process while the others wait."""
+        rows, untidy = self._rows()
+        if untidy:
+            data = "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for row in rows).encode("utf-8")
+            self._write_atomically(os.path.join(self.path, METADATA_FILE), data)
+        if os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                if name.endswith(".partial"):
+                    os.remove(os.path.join(self.path, name))
+        return {(row["index"], row["image"], row["seed"]) for row in rows}
 
     def save(self, image, file: str, row: dict) -> None:
-        """Write ``image`` as ``file`` (atomically), then its metadata row."""
+        """Write ``image`` as ``file`` (atomically; its format from its extension, a PNG carrying
+        the prompt and seed as text), then its metadata row."""
         final = os.path.join(self.path, file)
         partial = final + ".partial"
-        image.save(partial, format="PNG")
+        extension = os.path.splitext(file)[1].lower()
+        if extension == ".png":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for key in ("prompt", "negative_prompt", "seed"):
+                if row.get(key) is not None:
+                    info.add_text(key, str(row[key]))
+            image.save(partial, format="PNG", pnginfo=info)
+        else:
+            image.save(partial, format=_FORMATS[extension], quality=self.image_quality)
         os.replace(partial, final)
         self.append_rows([row])
 

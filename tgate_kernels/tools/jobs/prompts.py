@@ -39,10 +39,11 @@ class ImageTask:
     prompt: str
     negative_prompt: str | None
     arguments: dict
+    extension: str = "png"
 
     @property
     def file(self) -> str:
-        return f"{self.index:06d}_{self.image:02d}.png"
+        return f"{self.index:06d}_{self.image:02d}.{self.extension}"
 
     @property
     def call_group(self) -> str:
@@ -89,6 +90,9 @@ def _json_row(path: str, number: int, text: str, index: int) -> PromptRow:
     taken = sorted(set(arguments) & set(JOB_ARGUMENTS))
     if taken:
         raise PromptFileError(f"{where}: {taken} are set by the job itself and may not be given per prompt")
+    steps = arguments.get("num_inference_steps")
+    if "num_inference_steps" in arguments and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise PromptFileError(f"{where}: \"num_inference_steps\" must be an int >= 1 (as --steps), got {steps!r}")
     return PromptRow(index, row["prompt"], negative, seed, arguments)
 
 
@@ -103,13 +107,14 @@ def check_arguments(rows: list[PromptRow], accepted: set[str], pipeline: str) ->
             )
 
 
-def plan_images(rows: list[PromptRow], images_per_prompt: int, base_seed: int, negative_prompt: str | None) -> list[ImageTask]:
+def plan_images(rows: list[PromptRow], images_per_prompt: int, base_seed: int, negative_prompt: str | None,
+                extension: str = "png") -> list[ImageTask]:
     tasks = []
     for row in rows:
         first = row.seed if row.seed is not None else base_seed + row.index * images_per_prompt
         negative = row.negative_prompt if row.negative_prompt is not None else negative_prompt
         for image in range(images_per_prompt):
-            tasks.append(ImageTask(row.index, image, first + image, row.prompt, negative, row.arguments))
+            tasks.append(ImageTask(row.index, image, first + image, row.prompt, negative, row.arguments, extension))
     return tasks
 
 

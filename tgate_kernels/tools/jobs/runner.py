@@ -28,6 +28,8 @@ class JobSummary:
     seconds: float
     pipeline_seconds: float
     processes: int
+    missing: int = 0
+    """Images of the job not in the folder when it ended (0 for a complete job)."""
 
     @property
     def images_per_second(self) -> float:
@@ -46,11 +48,14 @@ class JobSummary:
         return (busy - self.pipeline_seconds) / self.pipeline_seconds if self.pipeline_seconds else 0.0
 
     def render(self) -> str:
-        return (
+        text = (
             f"{self.images} images written ({self.already_done} already there) by {self.processes} process(es) in "
             f"{self.seconds:.1f} s: {self.images_per_second:.2f} images/s, {self.seconds_per_image:.2f} s of pipeline "
             f"per image, job machinery {self.machinery_share:.1%} of the pipeline time"
         )
+        if self.missing:
+            text += f"\n{self.missing} images of the job are missing: run the same command again to make them"
+        return text
 
 
 def _key(task: ImageTask) -> tuple[int, int, int]:
@@ -70,21 +75,24 @@ def run_job(
 ) -> JobSummary:
     """Generate every image of ``tasks`` not yet in ``folder``. ``call_arguments`` go to every
     pipeline call, ``row_fields`` into every metadata row, and ``batch_fields()``, asked after each
-    call, into the rows of its images (the gate ``gate_step="auto"`` chose); ``progress(n)`` is
-    told, on the main process, how many images were already there, then how many the whole job
-    wrote since the last call."""
+    call, into the rows of its images (the gate ``gate_step="auto"`` chose); ``progress`` is told,
+    on the main process, how many images were already there (``progress(n, already=True)``), then
+    how many the whole job wrote since the last call (``progress(n)``)."""
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
     state = PartialState()  # the one the command made
     started = time.perf_counter()
-    done = folder.done()
+    # one process reads (and tidies) the folder; every process works from what it found
+    done = folder.prepare_resume() if state.is_main_process else None
+    if state.num_processes > 1:
+        done = broadcast_object_list([done])[0]
     all_batches = batches(tasks, batch_size)
     # a batch with any image missing runs whole again: the batch decides an image's last bits
     pending = [batch for batch in all_batches if any(_key(task) not in done for task in batch)]
     already = sum(1 for task in tasks if _key(task) in done)
     if progress is not None and state.is_main_process and already:
-        progress(already)
+        progress(already, already=True)
     rounds = math.ceil(len(pending) / state.num_processes)
     with state.split_between_processes(pending) as mine:
         mine = list(mine)
@@ -109,12 +117,18 @@ def run_job(
         if progress is not None and state.is_main_process:
             progress(sum(counts))
     totals = gather_object([(written, pipeline_seconds)]) if state.num_processes > 1 else [(written, pipeline_seconds)]
+    # every process's images are in place once all have gathered: what is missing now is missing
+    finished = folder.done()
+    missing = [sum(1 for task in tasks if _key(task) not in finished)]
+    if state.num_processes > 1:
+        missing = broadcast_object_list(missing)
     return JobSummary(
         images=sum(t[0] for t in totals),
         already_done=already,
         seconds=time.perf_counter() - started,
         pipeline_seconds=sum(t[1] for t in totals),
         processes=state.num_processes,
+        missing=missing[0],
     )
 
 
