@@ -241,3 +241,31 @@ def test_a_row_with_zero_steps_is_refused_like_steps(saved_tiny_sd, tmp_path, ca
         cli.main(["generate", "--model", str(saved_tiny_sd), "--prompts", str(path), "--out", str(tmp_path / "out")])
     assert info.value.code == 2
     assert 'line 2: "num_inference_steps" must be an int >= 1' in capsys.readouterr().err
+
+
+def test_lora_weights_with_a_scale_are_loaded_and_part_of_the_job(saved_tiny_sd, tmp_path, capsys):
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(saved_tiny_sd)
+    torch.manual_seed(2)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    prompts = _prompts(tmp_path, PROMPTS[:1])
+    plain, half, tiled = tmp_path / "plain", tmp_path / "half", tmp_path / "tiled"
+    assert cli.main(_job(saved_tiny_sd, plain, prompts)) == 0
+    assert cli.main(_job(saved_tiny_sd, half, prompts, "--lora", f"{tmp_path / 'lora'}:0.5")) == 0
+    assert _pixels(half) != _pixels(plain)
+    assert json.loads((half / "run.json").read_text())["lora"] == [[str(tmp_path / "lora"), 0.5]]
+    assert cli.main(_job(saved_tiny_sd, tiled, prompts, "--vae-tiling")) == 0
+    assert json.loads((tiled / "run.json").read_text())["vae_tiling"] is True
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(_job(saved_tiny_sd, tmp_path / "bad", prompts, "--lora", str(tmp_path / "no-such-lora")))
+    assert "argument --lora" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(_job(saved_tiny_sd, tmp_path / "bad", prompts, "--cpu-offload"))
+    assert "argument --cpu-offload" in capsys.readouterr().err

@@ -8,6 +8,7 @@ are shown here with the flags that set them.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 from ...config import AutoGate, DeepCacheOptions, TgateConfig, check_int
@@ -98,6 +99,16 @@ def auto_gate(text: str) -> AutoGate:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def lora(text: str) -> tuple[str, float]:
+    path, colon, scale = text.rpartition(":")
+    if not colon or not path or os.sep in scale:
+        return text, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {scale!r} is not a scale; expected PATH or PATH:SCALE, e.g. lora.safetensors:0.8") from None
+
+
 def device(text: str) -> str:
     import torch
 
@@ -144,6 +155,13 @@ def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
                           "from_pretrained does")
     sub.add_argument("--local-files-only", action="store_true", help="never download (HF_HUB_OFFLINE=1 does the same)")
     sub.add_argument("--variant", default=None, help="the weights variant to load, e.g. fp16")
+    sub.add_argument("--revision", default=None, help="the Hub revision (branch, tag or commit) to load")
+    sub.add_argument("--cache-dir", default=None, help="the Hugging Face cache folder to load from (and download into)")
+    sub.add_argument("--lora", action="append", default=[], type=lora, metavar="PATH[:SCALE]",
+                     help="LoRA weights to load (a file or folder, or a Hub id), with their scale (default 1); repeatable")
+    sub.add_argument("--cpu-offload", action="store_true",
+                     help="enable_model_cpu_offload(): each model on the GPU only while it runs (needs CUDA)")
+    sub.add_argument("--vae-tiling", action="store_true", help="decode in tiles (large images on little memory)")
     sub.add_argument("--negative-prompt", default=None, help="for prompts that give none")
     sub.add_argument("--steps", type=positive_int, default=25, help="num_inference_steps")
     sub.add_argument("--guidance-scale", type=float, default=None, help="the pipeline's default when not given")
@@ -205,11 +223,26 @@ def load_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser, devi
 
     from ..jobs.loading import ModelUnavailable, load_pipeline
 
+    if args.cpu_offload and not device.startswith("cuda"):
+        parser.error(f"argument --cpu-offload: offloading moves each model to the GPU while it runs; --device is {device}")
     try:
-        pipe = load_pipeline(args.model, device=device, dtype=resolve_dtype(args.dtype, device), variant=args.variant,
-                             local_files_only=args.local_files_only)
+        pipe = load_pipeline(args.model, device="cpu" if args.cpu_offload else device, dtype=resolve_dtype(args.dtype, device),
+                             variant=args.variant, local_files_only=args.local_files_only, revision=args.revision,
+                             cache_dir=args.cache_dir)
     except ModelUnavailable as error:
         parser.error(str(error))
+    if args.lora:
+        names = [f"lora_{index}" for index in range(len(args.lora))]
+        try:
+            for name, (path, _) in zip(names, args.lora):
+                pipe.load_lora_weights(path, adapter_name=name)
+            pipe.set_adapters(names, adapter_weights=[scale for _, scale in args.lora])
+        except (OSError, ValueError, ImportError) as error:
+            parser.error(f"argument --lora: {' '.join(str(error).split())[:300]}")
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
     if args.scheduler is not None:
         import diffusers
 

@@ -166,7 +166,8 @@ def _job_identity(args: argparse.Namespace, rows, config, device: str) -> dict:
     model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model.rstrip("/")
     return dict(
         model=model, variant=args.variant, dtype=str(arguments.resolve_dtype(args.dtype, device)).replace("torch.", ""),
-        scheduler=args.scheduler, **arguments.call_kwargs(args), seed=args.seed, images_per_prompt=args.images_per_prompt,
+        revision=args.revision, scheduler=args.scheduler, lora=[list(item) for item in args.lora], vae_tiling=args.vae_tiling,
+        **arguments.call_kwargs(args), seed=args.seed, images_per_prompt=args.images_per_prompt,
         batch_size=args.batch_size, prompts=prompts, negative_prompt=args.negative_prompt, tgate=tgate,
         image_format=args.image_format, image_quality=args.image_quality if args.image_format != "png" else None,
     )

@@ -28,7 +28,8 @@ def _is_hub_id(model: str) -> bool:
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~")) and ".." not in model
 
 
-def load_pipeline(model: str, *, device: str, dtype: torch.dtype, variant: str | None = None, local_files_only: bool = False):
+def load_pipeline(model: str, *, device: str, dtype: torch.dtype, variant: str | None = None, local_files_only: bool = False,
+                  revision: str | None = None, cache_dir: str | None = None):
     """``DiffusionPipeline.from_pretrained(model, ...)`` on ``device`` in ``dtype``, progress bar off."""
     from diffusers import DiffusionPipeline
 
@@ -47,11 +48,18 @@ def load_pipeline(model: str, *, device: str, dtype: torch.dtype, variant: str |
     options = {"local_files_only": local_files_only} if local_files_only else {}
     if dtype != torch.float32:
         options["torch_dtype"] = dtype  # float32 is the default; asking for it only draws a warning
-    if variant is not None:
-        options["variant"] = variant
+    for name, value in (("variant", variant), ("revision", revision), ("cache_dir", cache_dir)):
+        if value is not None:
+            options[name] = value
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **options)
     except Exception as error:  # diffusers and huggingface_hub raise many kinds for "not there"
-        raise ModelUnavailable(f"could not load a diffusers pipeline {model!r} from {where}: {type(error).__name__}: {error}") from error
+        first = " ".join(str(error).split())
+        cause = f"{type(error).__name__}: {first[:200]}{'...' if len(first) > 200 else ''}"
+        advice = ""
+        if source == model and (local_files_only or offline()):
+            advice = (f"; download it once while online (`huggingface-cli download {model}`), or give --model a local "
+                      f"pipeline folder")
+        raise ModelUnavailable(f"could not load a diffusers pipeline {model!r} from {where} ({cause}){advice}") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
