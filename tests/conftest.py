@@ -6,6 +6,9 @@ The tiny pipelines themselves live in ``tests/fixtures``.
 import functools
 import importlib
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +108,20 @@ def first_changed_step(pipe, baseline_pipe, call_kwargs) -> tuple[int | None, ob
     assert len(plain) == len(gated)
     changed = next((index for index, (a, b) in enumerate(zip(plain, gated)) if not torch.equal(a, b)), None)
     return changed, result
+
+
+def accelerate_launch(argv: list[str], processes: int = 2) -> subprocess.CompletedProcess:
+    """``accelerate launch -m tgate_kernels ARGV`` with ``processes`` CPU processes over gloo."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         "-m", "tgate_kernels", *argv],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
 
 
 def hooked_modules(pipe) -> tuple:

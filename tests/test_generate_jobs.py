@@ -3,9 +3,6 @@ accelerate, loading like diffusers, and bad input refused before any image is ge
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +11,8 @@ from PIL import Image
 
 from tgate_kernels.tools import cli
 from tgate_kernels.tools.jobs.folder import OutputFolder
+
+from conftest import accelerate_launch
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow star", "two purple dots"]
 
@@ -132,24 +131,12 @@ def test_a_rerun_makes_only_what_is_missing_and_a_crash_mid_write_is_not_taken_f
     assert {n: a.tolist() for n, a in _images(crashed).items()} == {n: a.tolist() for n, a in expected.items()}
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_under_accelerate_make_the_single_process_run(saved_tiny_sd, tmp_path):
     prompts = _text_prompts(tmp_path)
     single = tmp_path / "single"
     cli.main(_job(saved_tiny_sd, single, "--batch-size", "2", prompts_file=prompts))
     parallel = tmp_path / "parallel"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "tgate_kernels",
-         *_job(saved_tiny_sd, parallel, "--batch-size", "2", prompts_file=prompts)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    done = accelerate_launch(_job(saved_tiny_sd, parallel, "--batch-size", "2", prompts_file=prompts))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("images written") == 1, "the main process alone prints the summary"
     assert "5 images written (0 already there) by 2 process(es)" in done.stdout

@@ -3,8 +3,6 @@ refuse, and the options people expect of a diffusers command line."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +10,8 @@ import pytest
 from PIL import Image
 
 from tgate_kernels.tools import cli
+
+from conftest import accelerate_launch
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow star"]
 
@@ -111,12 +111,6 @@ def test_a_job_that_ends_with_images_missing_says_so_and_fails(saved_tiny_sd, tm
     assert "1 images of the job are missing: run the same command again" in capsys.readouterr().out
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_resume_from_one_reading_of_the_folder(saved_tiny_sd, tmp_path):
     prompts = _prompts(tmp_path)
     out = tmp_path / "out"
@@ -126,13 +120,7 @@ def test_two_processes_resume_from_one_reading_of_the_folder(saved_tiny_sd, tmp_
     os.remove(out / "000003_00.png")
     metadata = out / "metadata.jsonl"
     metadata.write_text(metadata.read_text() + '{"file": "000001_00.png", "ind')  # and a cut row
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "tgate_kernels",
-         *_job(saved_tiny_sd, out, prompts)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    done = accelerate_launch(_job(saved_tiny_sd, out, prompts))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 images written (2 already there) by 2 process(es)" in done.stdout
     assert "missing" not in done.stdout

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import KeptPart
-from ..families.registry import NEGATIVE, PERTURBED, PROMPT, UNCONDITIONAL  # noqa: F401  (the parts, named once)
+from ..families.registry import NEGATIVE, PROMPT
 
 MERGED = "merged"
 

@@ -16,6 +16,16 @@ from ...config import AutoGate, DeepCacheOptions, TgateConfig, check_int
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not for switches, options without a
+    default, or help that already says what happens when the option is not given."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        silent = action.default in (None, False, [], argparse.SUPPRESS) or action.nargs == 0
+        return text if silent or "default" in text or "when not given" in text else super()._get_help_string(action)
+
+
 def int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:

@@ -28,7 +28,7 @@ def add_parser(commands) -> None:
             "(when installed) timed alternately, then the T-GATE/baseline ratio across --resolutions. The defaults take about "
             "10 minutes on a 2-core CPU; adding 512 to --resolutions adds about 11."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=arguments.HelpFormatter,
     )
     bench.add_argument("--models", type=arguments.name_list, default=["all"], help=f"comma-separated models for the MACs/params table, or all ({models})")
     bench.add_argument("--latency-models", type=arguments.name_list, default=["sd15"], help="comma-separated models to time, or none")

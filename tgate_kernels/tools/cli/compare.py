@@ -12,7 +12,7 @@ SUMMARY = "the same prompt and seed with and without T-GATE, side by side, with 
 
 
 def add_parser(commands) -> None:
-    sub = commands.add_parser("compare", help=SUMMARY, description=SUMMARY + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = commands.add_parser("compare", help=SUMMARY, description=SUMMARY + ".", formatter_class=arguments.HelpFormatter)
     sub.add_argument("--prompt", required=True)
     arguments.add_pipeline_options(sub)
     sub.add_argument("--gate-steps", type=arguments.int_list, default=[10], help="comma-separated gate steps, one T-GATE image each")

@@ -15,7 +15,7 @@ def add_parser(commands) -> None:
         description="Match the images of two `generate` folders by prompt index, image and seed (e.g. an ungated and a "
                     "gated run of the same prompts) and report per-image and mean PSNR and SSIM, and FID and CLIP score "
                     "when their feature extractors are available locally.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=arguments.HelpFormatter,
     )
     evaluate.add_argument("dir_a")
     evaluate.add_argument("dir_b")

@@ -16,7 +16,7 @@ SUMMARY = ("generate images with T-GATE: one prompt, or a prompts file into a fo
 
 
 def add_parser(commands) -> None:
-    sub = commands.add_parser("generate", help=SUMMARY, description=SUMMARY + ".", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = commands.add_parser("generate", help=SUMMARY, description=SUMMARY + ".", formatter_class=arguments.HelpFormatter)
     prompts = sub.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt")
     prompts.add_argument("--prompts", metavar="FILE",

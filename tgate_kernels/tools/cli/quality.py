@@ -17,7 +17,7 @@ def add_parser(commands) -> None:
                     "with fixed gates, fixed gates with DeepCache and gate_step=auto, and report prompt adherence (read "
                     "back by the micro classifier), PSNR and SSIM against the ungated images, FID on the classifier's "
                     "features and the MACs ratio, with a Pareto plot. Nothing is downloaded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=arguments.HelpFormatter,
     )
     quality.add_argument("--models", type=arguments.name_list, default=["sd", "pixart"], help="comma-separated micro pipelines: sd, pixart")
     quality.add_argument("--gates", type=arguments.int_list, default=None, help="comma-separated fixed gate steps of the 20 (default 2,4,...,16)")
