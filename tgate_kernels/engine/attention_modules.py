@@ -28,6 +28,9 @@ from diffusers.models.attention_processor import Attention
 class AttentionKind(enum.Enum):
     SELF = "self"
     CROSS = "cross"
+    TEXT = "text stream"
+    """A module of a joint-attention block's text stream (its q/k/v and output projections, its
+    feed-forward): how the prompt reaches the image there, scheduled as cross-attention is."""
 
 
 _CROSS_PLACES = frozenset({"attn2", "cross_attn", "cross_attention", "attn_cross"})
@@ -44,7 +47,8 @@ class HookableAttention:
 
     @property
     def cross(self) -> bool:
-        return self.kind is AttentionKind.CROSS
+        """Whether the schedule treats it as cross-attention (cached at the gate, reused after)."""
+        return self.kind in (AttentionKind.CROSS, AttentionKind.TEXT)
 
 
 def is_attention(module: torch.nn.Module) -> bool:
@@ -97,11 +101,34 @@ def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:
     return None
 
 
-def hookable_attentions(denoiser: torch.nn.Module) -> list[HookableAttention]:
-    """Every attention of ``denoiser`` T-GATE caches, in module order."""
+_TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+_TEXT_FEED_FORWARDS = ("ff_context",)
+
+
+def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
+    """The modules of the text stream of every dual-stream joint-attention block of ``denoiser``:
+    the joint attention's text projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``,
+    ``to_add_out``) and the block's text feed-forward (``ff_context``). The image tokens see the
+    text only through the keys and values these give the joint attention."""
+    modules = dict(denoiser.named_modules())
+    found = []
+    for name, module in modules.items():
+        if not (is_attention(module) and is_joint_attention(module)):
+            continue
+        block, _, _ = name.rpartition(".")
+        places = [(f"{name}.{attribute}", getattr(module, attribute, None)) for attribute in _TEXT_PROJECTIONS]
+        places += [(f"{block}.{attribute}" if block else attribute, getattr(modules.get(block), attribute, None))
+                   for attribute in _TEXT_FEED_FORWARDS]
+        found += [HookableAttention(place, part, AttentionKind.TEXT) for place, part in places if part is not None]
+    return found
+
+
+def hookable_attentions(denoiser: torch.nn.Module, text_streams: bool = False) -> list[HookableAttention]:
+    """Every attention of ``denoiser`` T-GATE caches, in module order (with ``text_streams``,
+    the text-stream modules of its joint-attention blocks too)."""
     found = []
     for name, module in denoiser.named_modules():
         kind = attention_kind(module, name.rpartition(".")[2])
         if kind is not None:
             found.append(HookableAttention(name, module, kind))
-    return found
+    return found + (text_stream_modules(denoiser) if text_streams else [])

@@ -14,14 +14,15 @@ import torch
 
 from .attention_modules import AttentionKind, HookableAttention, adds_own_residual, hookable_attentions, is_attention, is_joint_attention
 from ..config import KeptPart
-from ..families.registry import Family, batched_parts, family_of, says_guided
+from ..families.registry import Conditioning, Family, batched_parts, family_of, says_guided
 from .guidance import GuidanceTracker
 
 SUPPORTED_PIPELINES = (
     "any pipeline whose denoisers have separate cross-attention layers: Stable Diffusion 1.x/2.x and SDXL "
     "(text-to-image, img2img, inpaint, ControlNet, IP-Adapter, LoRA, LCM, PAG, InstructPix2Pix), Kolors, PixArt-α/Σ, "
     "Sana, Hunyuan-DiT, Lumina-Next, Stable Video Diffusion, AnimateDiff, Latte, Allegro, LTX-Video, Wan 2.1/2.2, "
-    "SkyReels-V2, Cosmos, Kandinsky 5, Stable Audio"
+    "SkyReels-V2, Cosmos, Kandinsky 5, Stable Audio; and of the joint-attention families, Stable Diffusion 3/3.5 "
+    "(text-to-image, img2img, inpaint)"
 )
 
 
@@ -72,15 +73,18 @@ def check_pipeline(pipe, *, runs: bool = False) -> None:
 def pipeline_parts(pipe) -> PipelineParts:
     """The denoisers of ``pipe``; a ``ValueError`` saying what the pipeline has otherwise."""
     modules = components(pipe)
+    conventional = next((modules[a] for a in ("unet", "transformer") if a in modules), None)
+    family = family_of(pipe, conventional)
+    joint = family.conditioning is Conditioning.JOINT_ATTENTION
     denoisers = []
     for attribute, module in modules.items():
-        attentions = tuple(hookable_attentions(module))
-        if any(a.kind is AttentionKind.CROSS for a in attentions):
+        attentions = tuple(hookable_attentions(module, text_streams=joint))
+        if any(a.cross for a in attentions):
             denoisers.append(Denoiser(attribute, module, not attribute.startswith("controlnet"), attentions))
     if not any(d.main for d in denoisers):
         raise ValueError(_refusal(pipe, modules))
     denoisers.sort(key=lambda d: not d.main)
-    return PipelineParts(tuple(denoisers), family_of(pipe, denoisers[0].module))
+    return PipelineParts(tuple(denoisers), family)
 
 
 def _refusal(pipe, components: dict[str, torch.nn.Module]) -> str:
@@ -98,7 +102,8 @@ def _refusal(pipe, components: dict[str, torch.nn.Module]) -> str:
     elif any(adds_own_residual(m) and getattr(m, "is_cross_attention", False) for m in attentions):
         what = "cross-attention that adds its own residual (as in DeepFloyd IF), whose output cannot be cached alone"
     elif any(is_joint_attention(m) for m in attentions):
-        what = "joint attention, where image and text tokens attend together (as in SD3, FLUX and QwenImage)"
+        what = ("joint attention, where image and text tokens attend together (as in FLUX and QwenImage), in a family "
+                "T-GATE does not support yet")
     else:
         what = (
             f"{len(attentions)} attention layers, none of them a separate cross-attention: each attends within one "

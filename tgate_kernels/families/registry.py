@@ -4,13 +4,14 @@ A family is a small declarative :class:`Family` record, found by the pipeline's 
 family defined by its denoiser, the main denoiser's class), matched by class name along the
 method resolution order, so a user's subclass of a pipeline belongs to its family and nothing
 here imports a pipeline. The engine asks :func:`family_of` and never names a pipeline class;
-the entries live beside it, one module per kind (:mod:`.cross_attention`). A pipeline of no
+the entries live beside it, one module per kind (:mod:`.cross_attention`,
+:mod:`.joint_attention`). A pipeline of no
 entry is an ordinary one: its batched guidance is ``[negative, prompt]`` and the negative part is
 kept after the gate, as the reference does.
 
-``kind`` says how the prompt reaches the denoiser: through separate cross-attention layers
-(the kind T-GATE caches), or, for the joint-attention families to come, through a text stream
-that attends together with the image tokens.
+``conditioning`` says how the prompt reaches the denoiser: through separate cross-attention
+layers, or through a text stream that attends together with the image tokens (joint attention),
+whose modules T-GATE then caches as it caches cross-attention.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _class_names(obj) -> list[str]:
 
 def family_of(pipe, main_denoiser=None) -> Family:
     """The family of ``pipe``: by its class, else by its main denoiser's, else :data:`ORDINARY`."""
-    from . import cross_attention  # noqa: F401  (registers its families on first use)
+    from . import cross_attention, joint_attention  # noqa: F401  (they register their families on first use)
 
     for name in _class_names(pipe):
         if name in _BY_PIPELINE:
