@@ -42,7 +42,7 @@ def test_attention_macs_by_hand_and_the_score_convention():
     assert counted.total - counted.without_attention_scores == scores
 
 
-@pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart", "tiny-sd3"])
 def test_engine_savings_equal_the_schedule(name):
     arch = tiny_architecture(name)
     settings = arch.tgate_config()
@@ -64,7 +64,7 @@ def test_engine_savings_equal_the_schedule(name):
             cached[cross] = cached[cross] or action is AttentionAction.CACHE
     assert baseline - gated == expected_saved
     assert gated == planned_generation_macs(breakdown, settings, arch.steps, cfg=True)
-    assert expected_saved.total > 0 and expected_saved.attention_scores > 0
+    assert expected_saved.total > 0 and expected_saved.attention_scores > 0 and breakdown.cross_attention.total > 0
 
 
 def test_gate_at_the_end_with_no_self_attention_reuse_saves_nothing():
@@ -133,7 +133,7 @@ def test_every_shipped_config_builds_on_meta():
 
     for arch in architectures((TINY_ARCHITECTURES,)).values():
         model = arch.build_denoiser("meta")
-        assert any(a.cross for a in hookable_attentions(model)), arch.name
+        assert any(a.cross for a in hookable_attentions(model, arch.text_streams)), arch.name
 
 
 def test_enable_takes_the_loop_driver():

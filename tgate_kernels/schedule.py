@@ -53,19 +53,19 @@ class StepPlan:
     CFG generation)."""
 
 
-def plan_step(step: int, settings: TgateConfig, gate_step: int) -> StepPlan:
+def plan_step(step: int, config: TgateConfig, gate_step: int) -> StepPlan:
     """The plan of solver step ``step`` for a resolved ``gate_step``."""
     if step < gate_step - 1:
-        if step < settings.warm_up:
+        if step < config.warm_up:
             self_action = AttentionAction.COMPUTE
-        elif step == settings.warm_up or step % settings.sp_interval == 0:
+        elif step == config.warm_up or step % config.sp_interval == 0:
             self_action = AttentionAction.CACHE
         else:
             self_action = AttentionAction.REUSE
         return StepPlan(step, self_action, AttentionAction.COMPUTE, cfg_batch=True, average_cfg_halves=False)
     if step == gate_step - 1:
         return StepPlan(step, AttentionAction.CACHE, AttentionAction.CACHE, cfg_batch=True, average_cfg_halves=True)
-    self_action = AttentionAction.CACHE if step % settings.fi_interval == 0 else AttentionAction.REUSE
+    self_action = AttentionAction.CACHE if step % config.fi_interval == 0 else AttentionAction.REUSE
     return StepPlan(step, self_action, AttentionAction.REUSE, cfg_batch=False, average_cfg_halves=False)
 
 
@@ -75,9 +75,9 @@ def candidate_plan(step: int) -> StepPlan:
     return StepPlan(step, AttentionAction.CACHE, AttentionAction.CACHE, cfg_batch=True, average_cfg_halves=True)
 
 
-def plan_generation(settings: TgateConfig, num_steps: int) -> list[StepPlan]:
+def plan_generation(config: TgateConfig, num_steps: int) -> list[StepPlan]:
     """Plans of every step of a generation of ``num_steps`` solver steps (a fixed gate)."""
-    if settings.auto:
+    if config.auto:
         raise ValueError("`gate_step='auto'` is chosen during each generation: its plans cannot be listed in advance.")
-    gate = settings.resolve_gate_step(num_steps)
-    return [plan_step(c, settings, gate) for c in range(num_steps)]
+    gate = config.resolve_gate_step(num_steps)
+    return [plan_step(c, config, gate) for c in range(num_steps)]

@@ -46,9 +46,9 @@ class CompiledForward:
     the compiled function stores them where the attention hooks read them, so that they enter
     the graph as its inputs, not as constants of it."""
 
-    def __init__(self, forward: Callable, settings: CompileOptions, name: str, plan_data) -> None:
+    def __init__(self, forward: Callable, options: CompileOptions, name: str, plan_data) -> None:
         self.eager = forward
-        self.settings = settings
+        self.options = options
         self.name = name
         self.plan_data = plan_data
         self.failure: str | None = None
@@ -68,7 +68,7 @@ class CompiledForward:
         if self.failure is None:
             try:
                 if self._compiled is None:
-                    compile_kwargs, self._inductor_settings = compile_arguments(self.settings)
+                    compile_kwargs, self._inductor_settings = compile_arguments(self.options)
                     self._compiled = torch.compile(self._forward_with, **compile_kwargs)
                 with _compat.inductor_settings(self._inductor_settings):
                     return self._compiled(tensors, args, kwargs)

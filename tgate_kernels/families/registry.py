@@ -78,10 +78,13 @@ def _class_names(obj) -> list[str]:
     return [cls.__name__ for cls in type(obj).__mro__]
 
 
-def family_of(pipe, main_denoiser=None) -> Family:
-    """The family of ``pipe``: by its class, else by its main denoiser's, else :data:`ORDINARY`."""
+def _registered() -> None:
     from . import cross_attention, joint_attention  # noqa: F401  (they register their families on first use)
 
+
+def family_of(pipe, main_denoiser=None) -> Family:
+    """The family of ``pipe``: by its class, else by its main denoiser's, else :data:`ORDINARY`."""
+    _registered()
     for name in _class_names(pipe):
         if name in _BY_PIPELINE:
             return _BY_PIPELINE[name]
@@ -90,6 +93,13 @@ def family_of(pipe, main_denoiser=None) -> Family:
             if name in _BY_DENOISER:
                 return _BY_DENOISER[name]
     return ORDINARY
+
+
+def family_of_pipeline(name: str) -> Family:
+    """The family of the pipeline class named ``name`` (for tools that name a pipeline without
+    building one)."""
+    _registered()
+    return _BY_PIPELINE.get(name, ORDINARY)
 
 
 def uses_perturbed_attention(pipe) -> bool:

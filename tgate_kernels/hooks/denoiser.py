@@ -46,7 +46,7 @@ class DenoiserHook(TgateHook):
         """The denoiser's forward on (cut) arguments: eager, or compiled with the plan as data."""
         if self.compiled is None:
             return self.original(*args, **kwargs)
-        self.compile(self.compiled.settings)  # anew only if the chain below was rewired
+        self.compile(self.compiled.options)  # anew only if the chain below was rewired
         state = self.state
         layout = state.guidance.layout
         data = state.context.plan_data
@@ -69,13 +69,13 @@ class DenoiserHook(TgateHook):
         data.finished(self.denoiser, state.plan, state.reuse_fills_cache)
         return output
 
-    def compile(self, settings: CompileOptions | None) -> None:
-        """Compile the forward below this hook with ``settings`` (``None``: eager). Compiling
-        again with the same settings keeps the compiled graphs."""
-        if settings is None:
+    def compile(self, options: CompileOptions | None) -> None:
+        """Compile the forward below this hook with ``options`` (``None``: eager). Compiling
+        again with the same options keeps the compiled graphs."""
+        if options is None:
             self.compiled = None
-        elif self.compiled is None or self.compiled.settings != settings or self.compiled.eager is not self.fn_ref.original_forward:
-            self.compiled = CompiledForward(self.fn_ref.original_forward, settings, self.denoiser, self.state.context.plan_data)
+        elif self.compiled is None or self.compiled.options != options or self.compiled.eager is not self.fn_ref.original_forward:
+            self.compiled = CompiledForward(self.fn_ref.original_forward, options, self.denoiser, self.state.context.plan_data)
 
     def reset_state(self, module):
         self.cache_context.reset()

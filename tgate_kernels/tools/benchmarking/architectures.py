@@ -70,6 +70,13 @@ class Architecture:
         return height // self.latent_spatial_factor, width // self.latent_spatial_factor
 
     @property
+    def text_streams(self) -> bool:
+        """Whether T-GATE caches the text stream of this denoiser's joint-attention blocks."""
+        from ...families.registry import Conditioning, family_of_pipeline
+
+        return family_of_pipeline(self.pipeline).conditioning is Conditioning.JOINT_ATTENTION
+
+    @property
     def is_unet(self) -> bool:
         return self.denoiser_class == "UNet2DConditionModel"
 
@@ -87,7 +94,7 @@ class Architecture:
         config = self.denoiser_config
         if self.is_unet:
             return int(config["cross_attention_dim"])
-        return int(config.get("caption_channels") or config["text_dim"])
+        return int(config.get("caption_channels") or config.get("text_dim") or config["joint_attention_dim"])
 
     @property
     def pooled_text_dim(self) -> int | None:

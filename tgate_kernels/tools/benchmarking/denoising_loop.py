@@ -9,6 +9,7 @@ between denoiser calls (scheduler update, guidance arithmetic) is elementwise an
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -71,6 +72,9 @@ def denoiser_inputs(
             "rope_interpolation_scale": (temporal / 25, spatial, spatial),
         }
     sample = torch.zeros(batch, channels, height, width, **make)
+    if arch.denoiser_class == "SD3Transformer2DModel":
+        pooled = torch.zeros(batch, int(arch.denoiser_config["pooled_projection_dim"]), **make)
+        return (sample,), {"encoder_hidden_states": text, "pooled_projections": pooled, "timestep": timestep}
     kwargs = {"encoder_hidden_states": text, "encoder_attention_mask": mask, "timestep": timestep}
     if arch.denoiser_class == "PixArtTransformer2DModel":
         conditions = {"resolution": None, "aspect_ratio": None}
@@ -81,7 +85,15 @@ def denoiser_inputs(
 
 
 class DenoisingLoop:
-    """A pipeline-shaped object holding only a denoiser: ``tgate_kernels.enable`` accepts it."""
+    """A pipeline-shaped object holding only a denoiser: ``tgate_kernels.enable`` accepts it.
+
+    Made through ``DenoisingLoop(arch, ...)``, it is an instance of a subclass named after the
+    architecture's pipeline, so that T-GATE finds that pipeline's family for it."""
+
+    def __new__(cls, arch: Architecture, *args, **kwargs):
+        if cls is DenoisingLoop and arch.pipeline:
+            cls = _named_loop(arch.pipeline)
+        return super().__new__(cls)
 
     def __init__(self, arch: Architecture, denoiser: torch.nn.Module, cfg: bool) -> None:
         self.arch = arch
@@ -122,3 +134,8 @@ class DenoisingLoop:
                 if on_step is not None:
                     on_step(step)
                 bar.update()
+
+
+@functools.cache
+def _named_loop(pipeline: str) -> type:
+    return type(pipeline, (DenoisingLoop,), {"__doc__": f"A denoising loop standing for {pipeline}."})

@@ -128,7 +128,8 @@ def generation_macs(
 @dataclass(frozen=True)
 class ForwardBreakdown:
     """MACs of one denoiser call on a single latent, and the parts held by its self- and
-    cross-attention modules (projections and scores; ``norm2`` holds no MACs)."""
+    cross-attention modules (projections and scores; ``norm2`` holds no MACs); in a
+    joint-attention denoiser the text-stream modules count as cross-attention."""
 
     total: MacsCount
     self_attention: MacsCount
@@ -140,7 +141,7 @@ class ForwardBreakdown:
 
 def forward_breakdown(arch: Architecture, resolution: int | None = None, denoiser: torch.nn.Module | None = None) -> ForwardBreakdown:
     denoiser = denoiser if denoiser is not None else arch.build_denoiser("meta")
-    attention_kind = {attention.name: attention.cross for attention in hookable_attentions(denoiser)}
+    attention_kind = {attention.name: attention.cross for attention in hookable_attentions(denoiser, arch.text_streams)}
     args, kwargs = denoiser_inputs(arch, 1, resolution)
     with attention_as_one_operator(), FlopCounterMode(display=False) as counter, torch.no_grad():
         denoiser(*args, **kwargs)

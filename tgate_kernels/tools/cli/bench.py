@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
             "interval 3, branch 0), counted on the meta device, next to the published table. Latency and peak memory: "
             "the --latency-models at --resolution/--steps, baseline, T-GATE and the reference `tgate` package "
             "(when installed) timed alternately, then the T-GATE/baseline ratio across --resolutions. The defaults take about "
-            "10 minutes on a 2-core CPU; adding 512 to --resolutions adds about 11."
+            "10 minutes on a 2-core CPU (2 more for SD3.5 Large's MACs); adding 512 to --resolutions adds about 11."
         ),
         formatter_class=arguments.HelpFormatter,
     )
