@@ -2,6 +2,7 @@
 registry: T-GATE's hooks taken out from the end and from the middle of a chain, under
 accelerate's wrapper, and put back into the chain when someone else cut them out."""
 
+import threading
 import types
 
 import pytest
@@ -13,7 +14,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from tgate_kernels.hooks.base import TgateHook
 from tgate_kernels.hooks.registry import attach, attached, detach, ensure_in_chain
 
-ALWAYS = types.SimpleNamespace(runs_here=lambda: True)
+ALWAYS = types.SimpleNamespace(plan=object(), owner=threading.get_ident())
+"""A generation running in this thread, as the hooks see one."""
 
 
 class AddOurs(TgateHook):
@@ -155,7 +157,7 @@ def _generation(plan):
     """The little of a running generation the attention cache hook reads."""
     from tgate_kernels.engine.generation import CallContext
 
-    return types.SimpleNamespace(runs_here=lambda: True, step=plan.step, plan=plan, context=CallContext(),
+    return types.SimpleNamespace(owner=threading.get_ident(), step=plan.step, plan=plan, context=CallContext(),
                                  reuse_fills_cache=False)
 
 
@@ -189,7 +191,7 @@ def test_the_attention_cache_passes_through_outside_a_generation():
     from tgate_kernels.hooks.attention_cache import AttentionCacheHook
 
     module = _module()
-    hook = AttentionCacheHook(types.SimpleNamespace(runs_here=lambda: False), "unet", cross=True)
+    hook = AttentionCacheHook(types.SimpleNamespace(plan=None, owner=None), "unet", cross=True)
     attach(module, hook)
     assert torch.equal(module(X), X @ module.weight.T)
     detach(module, hook.name)

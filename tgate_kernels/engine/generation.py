@@ -77,7 +77,8 @@ class GenerationState:
         """What the auto gate measured in this generation (its summary's ``cross_attention_changes``)."""
         self.context = CallContext()
         self.last: GenerationSummary | None = None
-        self._owner: int | None = None
+        self.owner: int | None = None
+        """The thread running the generation (hooks pass every other thread's calls through)."""
         self._loop_frame = None
         """The frame of the pipeline's call whose denoising loop this generation follows: while it
         is on its thread's stack the generation runs; once it is not, the generation was left by
@@ -110,10 +111,6 @@ class GenerationState:
     def active(self) -> bool:
         return self.plan is not None
 
-    def runs_here(self) -> bool:
-        """Whether a generation is running in the calling thread (compiled code is traced in it)."""
-        return self.plan is not None and (torch.compiler.is_compiling() or self._owner == threading.get_ident())
-
     @property
     def reuse_fills_cache(self) -> bool:
         """After a gate that cached cross-attention, a denoiser first active after it (a second
@@ -122,7 +119,7 @@ class GenerationState:
 
     def _left_behind(self) -> bool:
         """Whether the generation is open though the call that opened it is gone."""
-        owner, loop = self._owner, self._loop_frame
+        owner, loop = self.owner, self._loop_frame
         if self.plan is None or owner is None or loop is None:
             return False
         frame = sys._getframe() if owner == threading.get_ident() else sys._current_frames().get(owner)
@@ -140,7 +137,7 @@ class GenerationState:
     def check_free(self) -> None:
         """Refuse a second generation while one runs in another thread."""
         self.close_left_behind()
-        owner = self._owner
+        owner = self.owner
         if self.plan is not None and owner is not None and owner != threading.get_ident():
             raise ConcurrentGenerationError(
                 "this pipeline is running a T-GATE generation in another thread; T-GATE keeps one generation's "
@@ -152,7 +149,7 @@ class GenerationState:
         caches per pipeline), or in this one (a call of the pipeline from its own step callback
         would run through, and overwrite, the running generation's caches)."""
         self.check_free()
-        if self.plan is not None and self._owner == threading.get_ident():
+        if self.plan is not None and self.owner == threading.get_ident():
             raise ConcurrentGenerationError(
                 f"this pipeline was called again while its T-GATE generation runs (at step {self.step} of "
                 f"{self.num_steps}; a call from its own step callback?). T-GATE keeps one generation's caches per "
@@ -193,7 +190,7 @@ class GenerationState:
         self.guidance.begin(says_guided, told_unguided=config.lcm is True)
         self.context.plan_data.begin()
         self._cut_announced = False
-        self._owner = threading.get_ident()
+        self.owner = threading.get_ident()
         self._loop_frame = loop_frame
         self.plan = plan_step(0, config, gate)
         if self.context.recorder is not None:
@@ -243,7 +240,7 @@ class GenerationState:
             self.plan = None
             self.context.call = None
             self.config = None
-            self._owner = None
+            self.owner = None
             self._loop_frame = None
             self.context.plan_data.release()
             self.guidance.end()

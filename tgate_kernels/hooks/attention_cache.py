@@ -144,7 +144,7 @@ class AttentionCacheHook(TgateHook):
         context = state.context
         call = context.call
         if call is None:
-            return self.original(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
         if not torch.compiler.is_compiling():
             # compiled graphs are traced from eager first calls, where this is seen too
             if self._last_call is call:
@@ -163,7 +163,7 @@ class AttentionCacheHook(TgateHook):
             cached = self.cached_for(call)
             if cached is not None:
                 return cached
-        output = self.original(*args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
         if state.context.recorder is not None:
             state.context.recorder.attention(state.step, self.denoiser, self.cross, reused=False)
         observer = context.observer
@@ -195,11 +195,11 @@ class AttentionCacheHook(TgateHook):
         if data.after_gate and self.cross:
             if data.cross_ready(self.denoiser):
                 return data.bound[self._buffer_key("after", sample)]
-            output = self.original(*args, **kwargs)
+            output = self.fn_ref.original_forward(*args, **kwargs)
             if state.reuse_fills_cache:
                 self._buffer("after", output).copy_(output)
             return output
-        output = self.original(*args, **kwargs)
+        output = self.fn_ref.original_forward(*args, **kwargs)
         if data.after_gate:
             kept = self._buffer("after", output)
             result = torch.where(reuse_self, kept, output)

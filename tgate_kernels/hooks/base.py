@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
+import torch
 from diffusers.hooks import ModelHook
 
 from .. import _compat
@@ -49,7 +51,10 @@ class TgateHook(ModelHook):
         self.installed: InstallRecord | None = None
 
     def new_forward(self, module, *args, **kwargs):
-        if self.state.runs_here():
+        # whether a generation runs in this thread (compiled code is traced in it), asked inline:
+        # every call of every hooked module pays for it
+        state = self.state
+        if state.plan is not None and (torch.compiler.is_compiling() or state.owner == threading.get_ident()):
             return self.forward_in_generation(module, *args, **kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
 

@@ -87,11 +87,13 @@ class BlockFastPathHook(TgateHook):
         return cached
 
     def forward_in_generation(self, block, hidden_states, *args, **kwargs):
+        if self.state.plan.cross_attention is not AttentionAction.REUSE:
+            return self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # before the gate: the block's own
         named = dict(zip(_BLOCK_ARGUMENTS, args), **kwargs)
         cross_attention_kwargs = named.get("cross_attention_kwargs")
         cross_output = self._cached_cross(block, hidden_states, cross_attention_kwargs)
         if cross_output is None:
-            return self.original(hidden_states, *args, **kwargs)
+            return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
         if self.state.context.recorder is not None:
             self.state.context.recorder.attention(self.state.step, self.cross_cache.denoiser, True, reused=True)
         norm = _feed_forward_norm(block)

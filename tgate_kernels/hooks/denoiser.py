@@ -45,7 +45,7 @@ class DenoiserHook(TgateHook):
     def _run(self, call, args: tuple, kwargs: dict):
         """The denoiser's forward on (cut) arguments: eager, or compiled with the plan as data."""
         if self.compiled is None:
-            return self.original(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
         self.compile(self.compiled.options)  # anew only if the chain below was rewired
         state = self.state
         layout = state.guidance.layout
@@ -60,7 +60,7 @@ class DenoiserHook(TgateHook):
             if specs is None:
                 # the first call of each layout runs eagerly: it makes the tensors the graph takes
                 data.bind_for_learning(sample.device, call.run)
-                output = self.original(*args, **kwargs)
+                output = self.fn_ref.original_forward(*args, **kwargs)
                 self._layout_tensors[key] = data.learned(call.run)
             else:
                 output = self.compiled(data.bind(specs, call.run), *args, **kwargs)
@@ -87,7 +87,7 @@ class DenoiserHook(TgateHook):
         state = self.state
         rows = self.arguments.rows(args, kwargs)
         if rows is None:
-            return self.original(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
         guidance = state.guidance
         call = guidance.open_call(
             self.denoiser, self.main, rows, _compat.cache_context_name(self.cache_context), after_gate=not state.plan.cfg_batch,
