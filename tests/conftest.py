@@ -18,27 +18,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
-from fixtures.tiny_pipelines import (  # noqa: E402
-    tiny_generation_kwargs,
-    tiny_lcm_sdxl,
-    tiny_pixart_alpha,
-    tiny_pixart_sigma,
-    tiny_sd,
-    tiny_sdxl,
-    tiny_svd,
-)
+from fixtures.tiny_pipelines import TINY_PIPELINES, tiny_generation_kwargs, tiny_sd  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "a red car in the snow"]
 NEGATIVE = ["blurry", "low quality"]
-
-FACTORIES = {
-    "sd": tiny_sd,
-    "sdxl": tiny_sdxl,
-    "lcm-sdxl": tiny_lcm_sdxl,
-    "pixart-alpha": tiny_pixart_alpha,
-    "pixart-sigma": tiny_pixart_sigma,
-    "svd": tiny_svd,
-}
 
 REFERENCE_LOADERS = {
     # pipeline: (reference loader, settings only the reference's `pipe.tgate` takes)
@@ -49,6 +32,9 @@ REFERENCE_LOADERS = {
     "pixart-sigma": ("TgatePixArtSigmaLoader", {}),
     "svd": ("TgateSVDLoader", {}),
 }
+
+FACTORIES = {name: TINY_PIPELINES[name] for name in REFERENCE_LOADERS}
+"""The tiny pipelines the reference also runs, by name."""
 
 DEEPCACHE_LOADERS = {"sd": "TgateSDDeepCacheLoader", "sdxl": "TgateSDXLDeepCacheLoader"}
 
