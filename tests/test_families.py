@@ -106,7 +106,10 @@ def test_the_gate_caches_the_mean_over_the_guidance_parts(name):
     if layout.mode is Mode.SEPARATE:
         per_step = len(layout.parts)
         at_gate = outputs[per_step * (gate - 1): per_step * gate]
-        expected = (at_gate[0] + at_gate[1]) / 2
+        if at_gate[0].shape == at_gate[1].shape:
+            expected = (at_gate[0] + at_gate[1]) / 2
+        else:  # a text stream over texts of different lengths (Qwen-Image's): the kept call's own
+            expected = at_gate[layout.parts.index(layout.kept)]
         reused = outputs[per_step * gate]
     else:
         chunks = dict(zip(layout.parts, outputs[gate - 1].chunk(len(layout.parts))))
@@ -177,7 +180,7 @@ def test_joint_attention_pipelines_are_refused_with_nothing_modified(name):
     with pytest.raises(ValueError) as info:
         tgate_kernels.enable(pipe)
     message = str(info.value)
-    assert type(pipe).__name__ in message and "joint attention" in message and "without separate cross-attention" in message
+    assert type(pipe).__name__ in message and "joint attention" in message and "Nothing was changed" in message
     assert set(pipe.__dict__) == before
     assert not any("_diffusers_hook" in m.__dict__ for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules())
     assert np.array_equal(_output(_run(pipe, family)), _output(_run(family.build(), family)))

@@ -1,7 +1,9 @@
-"""T-GATE on joint-attention transformers (Stable Diffusion 3's MMDiT): after the gate the text
-stream is frozen (its modules give what they cached at the gate, as the mean over the guidance
-parts) and classifier-free guidance is dropped. The family-matrix tests (test_families.py) run
-on SD3 too; these check what is particular to the text stream."""
+"""T-GATE on joint-attention transformers (SD3's MMDiT, FLUX's double- and single-stream
+blocks, Qwen-Image's): after the gate the text stream is frozen (its modules give what they
+cached at the gate, as the mean over the guidance parts; a single-stream block runs on its image
+rows alone, beside the text rows it had at the gate) and classifier-free guidance is dropped. The
+family-matrix tests (test_families.py) run on these families too; these check what is particular
+to the text stream."""
 
 import pytest
 import torch
@@ -13,11 +15,13 @@ from fixtures.families import FAMILIES
 
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
+FLUX = FAMILIES["flux"]
+JOINT = ["sd3", "flux", "qwenimage"]
 
 
-def _latents(pipe, steps=STEPS):
+def _latents(pipe, steps=STEPS, family=SD3, **changes):
     with torch.no_grad():
-        return pipe(**SD3.call_kwargs(steps)).images
+        return pipe(**{**family.call_kwargs(steps), **changes}).images
 
 
 def test_the_text_stream_of_every_dual_stream_block_is_hooked_and_the_joint_attention_is_not():
@@ -36,10 +40,12 @@ def test_the_text_stream_of_every_dual_stream_block_is_hooked_and_the_joint_atte
     assert not any(a.name.endswith(".attn") for a in attentions), "the joint attention itself is computed every step"
 
 
-def test_with_the_gate_never_reached_the_output_is_the_plain_pipelines():
-    plain = _latents(SD3.build())
-    pipe = tgate_kernels.enable(SD3.build(), gate_step=STEPS, sp_interval=1, warm_up=0)
-    assert torch.equal(_latents(pipe), plain)
+@pytest.mark.parametrize("name", JOINT)
+def test_with_the_gate_never_reached_the_output_is_the_plain_pipelines(name):
+    family = FAMILIES[name]
+    plain = _latents(family.build(), family=family)
+    pipe = tgate_kernels.enable(family.build(), gate_step=STEPS, sp_interval=1, warm_up=0)
+    assert torch.equal(_latents(pipe, family=family), plain)
 
 
 def test_after_the_gate_the_image_attends_to_the_text_keys_and_values_of_the_gate_step():
@@ -54,8 +60,8 @@ def test_after_the_gate_the_image_attends_to_the_text_keys_and_values_of_the_gat
         assert torch.equal(keys[step], (negative + prompt) / 2), step
 
 
-def _step_flops(pipe, step):
-    """FLOPs of one denoising step (its transformer call and the scheduler's update)."""
+def _step_flops(pipe, step, family=SD3, **changes):
+    """FLOPs of one denoising step (its transformer calls and the scheduler's update)."""
     counter = FlopCounterMode(display=False)
 
     def around_step(pipe_, index, timestep, callback_kwargs):
@@ -66,25 +72,222 @@ def _step_flops(pipe, step):
         return callback_kwargs
 
     with torch.no_grad():
-        pipe(**SD3.call_kwargs(STEPS), callback_on_step_end=around_step)
+        pipe(**{**family.call_kwargs(STEPS), **changes}, callback_on_step_end=around_step)
     return counter.get_total_flops()
 
 
-def test_after_the_gate_a_step_costs_less_than_dropping_guidance_alone():
-    plain = _step_flops(SD3.build(), GATE)
-    gated = _step_flops(tgate_kernels.enable(SD3.build(), gate_step=GATE, sp_interval=1, warm_up=0), GATE)
+@pytest.mark.parametrize("name", JOINT)
+def test_after_the_gate_a_step_costs_less_than_dropping_guidance_alone(name):
+    family = FAMILIES[name]
+    plain = _step_flops(family.build(), GATE, family)
+    gated = _step_flops(tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0), GATE, family)
     assert 0 < gated < plain / 2, (gated, plain)
 
 
-def test_compile_gives_eager_t_gates_latents():
+def test_without_guidance_the_frozen_text_stream_alone_saves():
+    """FLUX.1-dev is guidance-distilled (one call a step): only the text stream's work is saved."""
+    unguided = {"negative_prompt": None, "true_cfg_scale": 1.0}
+    plain = _step_flops(FLUX.build(), GATE, FLUX, **unguided)
+    gated = _step_flops(tgate_kernels.enable(FLUX.build(), gate_step=GATE, sp_interval=1, warm_up=0), GATE, FLUX, **unguided)
+    assert 0 < gated < plain, (gated, plain)
+
+
+@pytest.mark.parametrize("name", JOINT)
+def test_compile_gives_eager_t_gates_latents(name):
+    family = FAMILIES[name]
     torch._dynamo.reset()
-    eager = _latents(tgate_kernels.enable(SD3.build(), gate_step=GATE, kernels="off"))
-    compiled = _latents(tgate_kernels.enable(SD3.build(), gate_step=GATE, compile={"backend": "eager"}))
+    eager = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, kernels="off"), family=family)
+    compiled = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, compile={"backend": "eager"}), family=family)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["flux", "qwenimage", "lumina2"])
+def test_inductor_with_freezing_gives_eager_t_gates_latents_through_single_stream_blocks():
+    torch._dynamo.reset()
+    eager = _latents(tgate_kernels.enable(FLUX.build(), gate_step=GATE, kernels="off"), family=FLUX)
+    pipe = tgate_kernels.enable(FLUX.build(), gate_step=GATE, compile=True)
+    for _ in range(2):
+        torch.testing.assert_close(_latents(pipe, family=FLUX), eager, rtol=1e-4, atol=1e-5)
+
+
+def _rows_seen(pipe, family, **changes):
+    """Per call of the first single-stream block: the rows its feed-forward input had, and its
+    key projection's output as the attention got it."""
+    block = pipe.transformer.single_transformer_blocks[0]
+    mlp_rows, keys, text_outputs = [], [], []
+    block.proj_mlp.register_forward_hook(lambda m, args, out: mlp_rows.append(args[0].shape[1]))
+    block.attn.to_k.register_forward_hook(lambda m, args, out: keys.append(out.detach().clone()))
+    block.register_forward_hook(lambda m, args, out: text_outputs.append(out[0].detach().clone()))
+    _latents(pipe, family=family, **changes)
+    return mlp_rows, keys, text_outputs
+
+
+def test_a_single_stream_block_runs_on_its_image_rows_beside_the_gate_steps_text_rows():
+    pipe = tgate_kernels.enable(FLUX.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    mlp_rows, keys, text_outputs = _rows_seen(pipe, FLUX)
+    layout = tgate_kernels.view(pipe).last_generation.layout
+    per_step = len(layout.parts)
+    assert per_step == 2  # true CFG: a call for the prompt, one for the negative prompt
+    text_rows = keys[0].shape[1] - mlp_rows[-1]
+    assert text_rows > 0 and all(rows == text_rows + mlp_rows[-1] for rows in mlp_rows[: per_step * GATE])
+    calls_after = len(mlp_rows) - per_step * GATE
+    assert calls_after == STEPS - GATE, "one call a step after the gate"
+    at_gate = keys[per_step * (GATE - 1): per_step * GATE]
+    expected_keys = (at_gate[0][:, :text_rows] + at_gate[1][:, :text_rows]) / 2
+    gate_text = text_outputs[per_step * (GATE - 1): per_step * GATE]
+    for call in range(per_step * GATE, len(mlp_rows)):
+        assert mlp_rows[call] == mlp_rows[-1], "after the gate the shared layers see no text row"
+        assert torch.equal(keys[call][:, :text_rows], expected_keys)
+        assert torch.equal(text_outputs[call], (gate_text[0] + gate_text[1]) / 2)
+
+
+def test_without_a_negative_prompt_the_single_stream_text_rows_are_the_gate_steps():
+    unguided = {"negative_prompt": None, "true_cfg_scale": 1.0}
+    pipe = tgate_kernels.enable(FLUX.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    mlp_rows, keys, text_outputs = _rows_seen(pipe, FLUX, **unguided)
+    image_rows = mlp_rows[-1]
+    text_rows = keys[0].shape[1] - image_rows
+    assert mlp_rows[:GATE] == [text_rows + image_rows] * GATE and mlp_rows[GATE:] == [image_rows] * (STEPS - GATE)
+    for step in range(GATE, STEPS):
+        assert torch.equal(keys[step][:, :text_rows], keys[GATE - 1][:, :text_rows])
+        assert torch.equal(text_outputs[step], text_outputs[GATE - 1])
+    assert not torch.equal(keys[GATE][:, text_rows:], keys[GATE - 1][:, text_rows:]), "the image rows are computed"
+
+
+def _flux_dev():
+    """FLUX.1-dev's shape: the transformer takes the guidance scale as an input (guidance-distilled)."""
+    pipe = FLUX.build()
+    torch.manual_seed(0)
+    pipe.transformer = type(pipe.transformer).from_config({**pipe.transformer.config, "guidance_embeds": True})
+    return pipe
+
+
+def test_flux_with_a_guidance_embedding_is_gated():
+    unguided = {"negative_prompt": None, "true_cfg_scale": 1.0, "guidance_scale": 3.5}
+    plain = _latents(_flux_dev(), family=FLUX, **unguided)
+    pipe = tgate_kernels.enable(_flux_dev(), gate_step=STEPS, sp_interval=1, warm_up=0)
+    assert torch.equal(_latents(pipe, family=FLUX, **unguided), plain)
+    tgate_kernels.enable(pipe, gate_step=GATE)
+    assert _step_flops(pipe, GATE, FLUX, **unguided) < _step_flops(_flux_dev(), GATE, FLUX, **unguided)
+
+
+def test_qwen_image_freezes_the_text_feed_forward_too():
+    pipe = tgate_kernels.enable(FAMILIES["qwenimage"].build())
+    text = {a.name for a in tgate_kernels.view(pipe).attentions if a.kind is AttentionKind.TEXT}
+    assert {f"transformer_blocks.{i}.txt_mlp" for i in range(len(pipe.transformer.transformer_blocks))} <= text
+
+
+@pytest.mark.parametrize("name", ["lumina2"])
 def test_joint_attention_families_not_done_yet_stay_refused(name):
     family = FAMILIES[name]
     with pytest.raises(ValueError, match="joint attention"):
         tgate_kernels.enable(family.build())
+
+
+def _image():
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+def _flux_components(in_channels=None):
+    """The tiny FLUX's components; ``in_channels``: a transformer taking the control or fill
+    channels beside the latents (Control, Fill)."""
+    components = FLUX.build().components
+    if in_channels is not None:
+        config = {**components["transformer"].config, "in_channels": in_channels, "out_channels": 16}
+        config.pop("_use_default_values", None)
+        torch.manual_seed(0)
+        components["transformer"] = type(components["transformer"]).from_config(config)
+        del components["image_encoder"], components["feature_extractor"]
+    return components
+
+
+def _flux_controlnet_components():
+    import diffusers
+
+    components = FLUX.build().components
+    config = components["transformer"].config
+    torch.manual_seed(0)
+    components["controlnet"] = diffusers.FluxControlNetModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=config.joint_attention_dim, pooled_projection_dim=config.pooled_projection_dim,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return components
+
+
+QWEN = FAMILIES["qwenimage"]
+
+VARIANTS = {
+    "QwenImageImg2ImgPipeline": (QWEN, lambda: QWEN.build().components, dict(image=_image(), strength=0.9)),
+    "QwenImageInpaintPipeline": (
+        QWEN, lambda: QWEN.build().components, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9),
+    ),
+    "FluxImg2ImgPipeline": (FLUX, _flux_components, dict(image=_image(), strength=0.9)),
+    "FluxInpaintPipeline": (FLUX, _flux_components, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9)),
+    "FluxKontextPipeline": (FLUX, _flux_components, dict(image=_image(), _auto_resize=False, max_area=32 * 32)),
+    # 4 latent channels packed 2x2: 16 of latents, 16 of the control image's
+    "FluxControlPipeline": (FLUX, lambda: _flux_components(32), dict(control_image=_image())),
+    # ... 16 of the masked image's and 16 of the mask's (a factor-2 VAE)
+    "FluxFillPipeline": (FLUX, lambda: _flux_components(48), dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32))),
+    "FluxControlNetPipeline": (FLUX, _flux_controlnet_components, dict(control_image=_image())),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_is_gated_and_disable_restores_it(variant):
+    import inspect
+
+    import diffusers
+
+    family, components, inputs = VARIANTS[variant]
+    pipeline = getattr(diffusers, variant)
+
+    def build():
+        return pipeline(**components())
+
+    accepted = inspect.signature(pipeline.__call__).parameters
+    steps = 6  # img2img and inpaint run the last `strength` of them
+    call = {name: value for name, value in family.call_kwargs(steps).items() if name in accepted} | inputs
+
+    def run(pipe):
+        with torch.no_grad():
+            return pipe(**{**call, "generator": torch.Generator().manual_seed(0)}).images
+
+    plain = run(build())
+    pipe = tgate_kernels.enable(build(), gate_step=steps, sp_interval=1, warm_up=0)
+    assert torch.equal(run(pipe), plain)
+    tgate_kernels.enable(pipe, gate_step=GATE)
+    gated = run(pipe)
+    assert gated.shape == plain.shape and not torch.equal(gated, plain)
+    frozen = [a for a in tgate_kernels.view(pipe).attentions if a.kind is AttentionKind.TEXT]
+    assert {a.denoiser for a in frozen} == ({"transformer", "controlnet"} if "controlnet" in pipe.components else {"transformer"})
+    tgate_kernels.disable(pipe)
+    assert torch.equal(run(pipe), plain)
+
+
+def _refused_joint_pipelines():
+    from tgate_kernels.families.registry import Conditioning, registered_families
+
+    return sorted(name for family in registered_families() if family.refused
+                  and family.conditioning is Conditioning.JOINT_ATTENTION for name in family.pipelines)
+
+
+@pytest.mark.parametrize("pipeline", _refused_joint_pipelines())
+def test_joint_attention_families_not_done_are_refused_by_name_with_the_reason(pipeline):
+    """A subclass of the named pipeline class (found along the MRO, as a user's would be)."""
+    base = type(pipeline, (), {"progress_bar": lambda self, **kwargs: None})
+    pipe = type(f"My{pipeline}", (base,), {})()
+    pipe.transformer = SD3.build().transformer
+    with pytest.raises(ValueError, match=f"My{pipeline}: joint attention .*; T-GATE does not freeze"):
+        tgate_kernels.enable(pipe)
+    assert "_diffusers_hook" not in pipe.transformer.__dict__
+
+
+def test_projections_fused_after_enable_are_refused_at_the_gate_with_what_to_do():
+    pipe = tgate_kernels.enable(FLUX.build(), gate_step=GATE)
+    pipe.transformer.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match=r"single_transformer_blocks\.0`: the projections \['to_q', 'to_k', 'to_v'\].*enable it again"):
+        _latents(pipe, family=FLUX)
+    pipe.transformer.unfuse_qkv_projections()
+    plain = _latents(FLUX.build(), family=FLUX)
+    tgate_kernels.enable(pipe, gate_step=STEPS, sp_interval=1, warm_up=0)
+    assert torch.equal(_latents(pipe, family=FLUX), plain)

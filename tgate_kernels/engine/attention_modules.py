@@ -24,6 +24,8 @@ import torch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 
+from ..families.registry import SingleStreamBlock, single_stream_layout
+
 
 class AttentionKind(enum.Enum):
     SELF = "self"
@@ -44,6 +46,8 @@ class HookableAttention:
     name: str
     module: torch.nn.Module
     kind: AttentionKind
+    single_stream: SingleStreamBlock | None = None
+    """For a single-stream block (the module is the block): how it lays out its text rows."""
 
     @property
     def cross(self) -> bool:
@@ -102,17 +106,23 @@ def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:
 
 
 _TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_TEXT_FEED_FORWARDS = ("ff_context",)
+_TEXT_FEED_FORWARDS = ("ff_context", "txt_mlp")
 
 
 def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
-    """The modules of the text stream of every dual-stream joint-attention block of ``denoiser``:
-    the joint attention's text projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``,
-    ``to_add_out``) and the block's text feed-forward (``ff_context``). The image tokens see the
-    text only through the keys and values these give the joint attention."""
+    """The modules of the text stream of every joint-attention block of ``denoiser``. In a
+    dual-stream block: the joint attention's text projections (``add_q_proj``, ``add_k_proj``,
+    ``add_v_proj``, ``to_add_out``) and the block's text feed-forward (``ff_context``,
+    Qwen-Image's ``txt_mlp``); the image tokens see the text only through the keys and values
+    these give the joint attention. A single-stream block (a registered class) is one entry: the
+    block itself, whose text rows :mod:`tgate_kernels.hooks.text_rows` freezes."""
     modules = dict(denoiser.named_modules())
     found = []
     for name, module in modules.items():
+        layout = single_stream_layout(module)
+        if layout is not None:
+            found.append(HookableAttention(name, module, AttentionKind.TEXT, layout))
+            continue
         if not (is_attention(module) and is_joint_attention(module)):
             continue
         block, _, _ = name.rpartition(".")

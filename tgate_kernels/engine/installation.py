@@ -29,6 +29,7 @@ from ..hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from ..hooks.denoiser import DenoiserHook
 from ..hooks.pipeline_loop import GenerationTracker, Opening
 from ..hooks.registry import attach, attached, detach
+from ..hooks.text_rows import TextRowsHook
 from .generation import GenerationState
 from .pag import PagAfterGate
 from .pipeline_parts import check_pipeline, components, guidance_tracker, pipeline_parts
@@ -81,7 +82,15 @@ class TgateController:
                 self._attach(denoiser.module, hook)
                 self.state.add_stateful_hook(hook)
                 for attention in denoiser.attentions:
-                    cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data, attention.name)
+                    if attention.single_stream is not None:
+                        cache = TextRowsHook(
+                            self.state, denoiser.attribute, attention.module, attention.single_stream,
+                            plan_as_data, attention.name,
+                        )
+                        for module, tap in cache.taps(attention.module):
+                            self._attach(module, tap)
+                    else:
+                        cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data, attention.name)
                     self._attach(attention.module, cache)
                     self.state.add_stateful_hook(cache)
             self.state.add_listener(self._auto_gate)

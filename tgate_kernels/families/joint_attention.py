@@ -1,24 +1,84 @@
 """The joint-attention pipeline families T-GATE knows, one entry each (see :mod:`.registry`).
 
-In a dual-stream joint-attention block the image and text tokens attend together, each stream
-with projections and a feed-forward of its own. After the gate the text stream is frozen: every
-text-stream module of every block (the joint attention's text q/k/v and output projections, the
-block's text feed-forward) gives the output it cached at the gate step (the mean over the prompt
-and negative-prompt parts), without running, so the image tokens attend to the gate step's text
-keys and values; classifier-free guidance is dropped as for cross-attention pipelines.
+In a joint-attention block the image and text tokens attend together. After the gate the text
+stream is frozen. In a dual-stream block every text-stream module (the joint attention's text
+q/k/v and output projections, the block's text feed-forward) gives the output it cached at the
+gate step (the mean over the prompt and negative-prompt parts) without running, so the image
+tokens attend to the gate step's text keys and values. A single-stream block (registered by its
+class, :class:`~.registry.SingleStreamBlock`) runs on its image rows alone, its attention given
+the text rows its projections gave at the gate (:mod:`tgate_kernels.hooks.text_rows`).
+Classifier-free guidance is dropped as for cross-attention pipelines, batched or as separate
+calls (true CFG).
 
-A family is listed here only when every block of its denoiser is dual-stream and the image
-tokens see the text through the joint attention alone. Single-stream blocks (FLUX's second half,
-Lumina 2, HiDream's) run shared layers over the text rows and would carry a text stream that is
-neither frozen nor computed; those families stay refused until they are done.
+A family is supported only when every block of its denoiser is one of these two kinds and the
+image tokens see the text through the joint attention alone; the others are listed refused,
+with what stands in the way.
 """
 
 from __future__ import annotations
 
-from .registry import Conditioning, Family, register
+from .registry import Conditioning, Family, SingleStreamBlock, register, register_single_stream
 
 register(Family(
     "stable-diffusion-3",
     pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
     conditioning=Conditioning.JOINT_ATTENTION,
 ))
+
+register_single_stream(SingleStreamBlock("FluxSingleTransformerBlock"))
+
+register(Family(
+    "flux",
+    pipelines=(
+        "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline",
+        "FluxKontextPipeline", "FluxKontextInpaintPipeline",
+        "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
+        "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline",
+    ),
+    conditioning=Conditioning.JOINT_ATTENTION,
+))
+
+register(Family(
+    "qwen-image",
+    pipelines=(
+        "QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
+        "QwenImageEditPipeline", "QwenImageEditInpaintPipeline", "QwenImageEditPlusPipeline",
+        "QwenImageControlNetPipeline", "QwenImageControlNetInpaintPipeline",
+    ),
+    conditioning=Conditioning.JOINT_ATTENTION,
+))
+
+
+# Joint-attention families whose text rows T-GATE cannot yet freeze correctly: refused at
+# `enable`, each with what stands in the way.
+_NOT_YET = "T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
+for _name, _pipelines, _why in (
+    ("hunyuan-video",
+     ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline",
+      "HunyuanVideoFramepackPipeline"),
+     "joint attention whose single-stream blocks put the text rows after the video rows and cut them off by "
+     "position from the end, and whose token refiner reworks the text every step"),
+    ("cogvideox",
+     ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
+      "CogVideoXFunControlPipeline", "ConsisIDPipeline"),
+     "joint attention in which every block runs one set of projections and one feed-forward over the text and "
+     "video rows, joined inside its attention processor"),
+    ("mochi", ("MochiPipeline",),
+     "joint attention whose processor attends to each sample's own unpadded text tokens, chosen by the prompt's "
+     "mask inside the processor"),
+    ("aura-flow", ("AuraFlowPipeline",),
+     "joint attention whose single-stream blocks take the text and image rows as one sequence without saying "
+     "where the text ends"),
+    ("lumina2", ("Lumina2Pipeline",),
+     "joint attention over one sequence joining the text and image tokens in every layer, with no separate text "
+     "stream, after a text refiner that runs every step"),
+    ("hidream", ("HiDreamImagePipeline",),
+     "joint attention fed by a Llama layer's text states in every block, with single-stream blocks that take "
+     "one joined sequence"),
+    ("chroma", ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"),
+     "joint attention whose single-stream blocks take the text and image rows as one joined sequence"),
+    ("flux2", ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline"),
+     "joint attention whose single-stream blocks take the text and image rows joined, split only by a "
+     "`text_seq_len` argument"),
+):
+    register(Family(_name, pipelines=_pipelines, conditioning=Conditioning.JOINT_ATTENTION, refused=f"{_why}; {_NOT_YET}"))

@@ -54,6 +54,26 @@ class Family:
     refused: str | None = None
 
 
+@dataclass(frozen=True)
+class SingleStreamBlock:
+    """A single-stream joint-attention block class: one set of layers over the text and image
+    rows of one sequence, found by ``block`` (its class name, matched along the MRO).
+
+    ``text_argument`` is the forward argument that brings its text rows; ``text_first`` says
+    whether they come before the image rows in the block's sequence, ``returns_text_first``
+    whether the text output comes first in the pair the block returns; ``attention`` is the
+    block's attention attribute and ``projections`` that attention's projections of the joint
+    sequence (each a ``Linear`` whose rows follow the sequence's).
+    """
+
+    block: str
+    text_argument: str = "encoder_hidden_states"
+    text_first: bool = True
+    returns_text_first: bool = True
+    attention: str = "attn"
+    projections: tuple[str, ...] = ("to_q", "to_k", "to_v")
+
+
 ORDINARY = Family("cross-attention")
 """A pipeline of no entry: CFG in ``[negative, prompt]`` halves, the negative part kept."""
 
@@ -62,6 +82,7 @@ PERTURBED_ATTENTION_LAYOUTS = ((NEGATIVE, PROMPT, PERTURBED), (PROMPT, PERTURBED
 
 _BY_PIPELINE: dict[str, Family] = {}
 _BY_DENOISER: dict[str, Family] = {}
+_SINGLE_STREAM: dict[str, SingleStreamBlock] = {}
 
 
 def register(family: Family) -> Family:
@@ -72,6 +93,18 @@ def register(family: Family) -> Family:
                 raise ValueError(f"{name} already belongs to the {table[name].name!r} family.")
             table[name] = family
     return family
+
+
+def register_single_stream(layout: SingleStreamBlock) -> SingleStreamBlock:
+    """Add a single-stream block class T-GATE freezes the text rows of."""
+    _SINGLE_STREAM[layout.block] = layout
+    return layout
+
+
+def single_stream_layout(module) -> SingleStreamBlock | None:
+    """How ``module`` lays out its text rows, if it is a registered single-stream block."""
+    _registered()
+    return next((_SINGLE_STREAM[name] for name in _class_names(module) if name in _SINGLE_STREAM), None)
 
 
 def _class_names(obj) -> list[str]:
@@ -93,6 +126,15 @@ def family_of(pipe, main_denoiser=None) -> Family:
             if name in _BY_DENOISER:
                 return _BY_DENOISER[name]
     return ORDINARY
+
+
+def registered_families() -> list[Family]:
+    """Every registered family, in registration order."""
+    _registered()
+    seen: dict[str, Family] = {}
+    for family in [*_BY_PIPELINE.values(), *_BY_DENOISER.values()]:
+        seen.setdefault(family.name, family)
+    return list(seen.values())
 
 
 def family_of_pipeline(name: str) -> Family:

@@ -70,25 +70,33 @@ class PartCache:
         else:
             self.store(output, parts)
 
-    def lookup(self, parts: tuple[str, ...]) -> torch.Tensor | None:
+    def lookup(self, parts: tuple[str, ...], running: tuple[str, ...] = ()) -> torch.Tensor | None:
+        """The cached output for ``parts``; ``running``: the parts the call actually runs on (with
+        separate calls, the kept part's), whose output stands for the merged part where the two
+        parts' outputs cannot be averaged (texts of different lengths)."""
         for covered, tensor in self._entries:
             if covered == parts:
                 return tensor
-        pieces = [self._part(part) for part in parts]
+        pieces = [self._part(part, running) for part in parts]
         if any(piece is None for piece in pieces):
             return None
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _part(self, part: str) -> torch.Tensor | None:
+    def _part(self, part: str, running: tuple[str, ...] = ()) -> torch.Tensor | None:
         if part == MERGED and self._text_parts:
             seen = [self._text_parts[p] for p in TEXT_PAIR if p in self._text_parts]
+            if len(seen) == 2 and seen[0].shape != seen[1].shape:
+                # a joint-attention text stream over texts of different lengths (Qwen-Image drops
+                # the padding): no mean exists, the part that runs after the gate keeps its own
+                kept = next((p for p in running if p in self._text_parts), None)
+                seen = [self._text_parts[kept]] if kept is not None else seen[:1]
             self._text_parts = {}
             self.store(seen[0] if len(seen) == 1 else (seen[0] + seen[1]) / 2, (MERGED,))
         for covered, tensor in self._entries:
             if part in covered:
                 return tensor.chunk(len(covered))[covered.index(part)]
         if part in TEXT_PAIR:
-            return self._part(MERGED)
+            return self._part(MERGED, running)
         return None
 
 
@@ -134,7 +142,7 @@ class AttentionCacheHook(TgateHook):
 
     def cached_for(self, call: DenoiserCall) -> torch.Tensor | None:
         """The output to reuse in ``call``, for callers that skip the module's call; recorded as a reuse."""
-        cached = self.cache_of(call).lookup(call.runs)
+        cached = self.cache_of(call).lookup(call.runs, call.parts)
         if cached is not None and self.state.context.recorder is not None:
             self.state.context.recorder.attention(self.state.step, self.denoiser, self.cross, reused=True)
         return cached
@@ -162,21 +170,44 @@ class AttentionCacheHook(TgateHook):
         if action is AttentionAction.REUSE:
             cached = self.cached_for(call)
             if cached is not None:
-                return cached
-        output = self.fn_ref.original_forward(*args, **kwargs)
+                return self.reused(cached, args, kwargs)
+        keeps = action is AttentionAction.CACHE or (action is AttentionAction.REUSE and self.cross and state.reuse_fills_cache)
+        output = self.computed(keeps, args, kwargs)
         if state.context.recorder is not None:
             state.context.recorder.attention(state.step, self.denoiser, self.cross, reused=False)
         observer = context.observer
         if self.cross and plan.cfg_batch and observer is not None:
-            observer((id(self), call.run, call.runs), call.runs, output)
+            observer((id(self), call.run, call.runs), call.runs, self.observed(output))
         if action is AttentionAction.CACHE:
             if plan.average_cfg_halves:
-                self.cache_of(call).store_at_gate(output, call.runs, plan.step)
+                self.cache_of(call).store_at_gate(self.kept_of(output), call.runs, plan.step)
             else:
-                self.cache_of(call).store(output, call.runs)
-        elif action is AttentionAction.REUSE and self.cross and state.reuse_fills_cache:
-            self.cache_of(call).store(output, call.runs)
+                self.cache_of(call).store(self.kept_of(output), call.runs)
+        elif keeps:
+            self.cache_of(call).store(self.kept_of(output), call.runs)
+        return self.returned(output)
+
+    # -- what is cached and how it is reused (a subclass caching part of a module's work overrides these)
+
+    def computed(self, keeps: bool, args: tuple, kwargs: dict):
+        """The module's own output (``keeps``: what :meth:`kept_of` needs is to be kept from it)."""
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def kept_of(self, output) -> torch.Tensor:
+        """What is cached of a computed output."""
         return output
+
+    def observed(self, output) -> torch.Tensor:
+        """What the automatic gate watches converge."""
+        return output
+
+    def returned(self, output):
+        """What a computed call returns."""
+        return output
+
+    def reused(self, cached: torch.Tensor, args: tuple, kwargs: dict):
+        """The output of a call after the gate, given what was cached."""
+        return cached
 
     # -- the plan as data -------------------------------------------------------------------
 
@@ -194,23 +225,24 @@ class AttentionCacheHook(TgateHook):
         reuse_self, store_self = flags[plan_data.REUSE_SELF], flags[plan_data.STORE_SELF]
         if data.after_gate and self.cross:
             if data.cross_ready(self.denoiser):
-                return data.bound[self._buffer_key("after", sample)]
-            output = self.fn_ref.original_forward(*args, **kwargs)
+                return self.reused(data.bound[self._buffer_key("after", sample)], args, kwargs)
+            output = self.computed(state.reuse_fills_cache, args, kwargs)
             if state.reuse_fills_cache:
-                self._buffer("after", output).copy_(output)
-            return output
-        output = self.fn_ref.original_forward(*args, **kwargs)
+                kept = self.kept_of(output)
+                self._buffer("after", kept).copy_(kept)
+            return self.returned(output)
+        output = self.computed(self.cross, args, kwargs)
         if data.after_gate:
             kept = self._buffer("after", output)
             result = torch.where(reuse_self, kept, output)
             kept.copy_(torch.where(store_self, output, kept))
             return result
-        result = output
+        result = self.returned(output)
         if not self.cross:
             before = self._buffer("before", output)
             result = torch.where(reuse_self, before, output)
             before.copy_(torch.where(store_self, output, before))
-        self._keep_at_gate(output, call, flags[plan_data.GATE], flags[plan_data.FIRST_PART])
+        self._keep_at_gate(self.kept_of(output), call, flags[plan_data.GATE], flags[plan_data.FIRST_PART])
         return result
 
     def _keep_at_gate(self, output: torch.Tensor, call: DenoiserCall, gate: torch.Tensor, first: torch.Tensor) -> None:
@@ -224,6 +256,11 @@ class AttentionCacheHook(TgateHook):
         elif layout is not None and layout.mode is Mode.SEPARATE and parts[0] in TEXT_PAIR:
             # one part per call: the first call's output waits for the second's
             held = self._buffer("held", output)
+            if held.shape != output.shape:
+                # texts of different lengths (see PartCache): the first call's part, the one kept, stands
+                kept = self._buffer("after", held)
+                kept.copy_(torch.where(gate & ~first, held, kept))
+                return
             held.copy_(torch.where(gate & first, output, held))
             kept = self._buffer("after", output)
             kept.copy_(torch.where(gate & ~first, (held + output) / 2, kept))

@@ -79,7 +79,7 @@ class BlockFastPathHook(TgateHook):
             or (cross_attention_kwargs and "gligen" in cross_attention_kwargs)
         ):
             return None
-        cached = self.cross_cache.cache_of(state.context.call).lookup(state.context.call.runs)
+        cached = self.cross_cache.cache_of(state.context.call).lookup(state.context.call.runs, state.context.call.parts)
         norm = _feed_forward_norm(block)
         modulation = (block.scale_shift_table,) if block.norm_type == "ada_norm_single" else ()
         if cached is None or cached.shape != hidden_states.shape or not _same_place(hidden_states, norm.weight, norm.bias, cached, *modulation):

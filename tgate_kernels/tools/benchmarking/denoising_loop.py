@@ -71,6 +71,8 @@ def denoiser_inputs(
             # what LTXPipeline passes at its default 25 frames per second
             "rope_interpolation_scale": (temporal / 25, spatial, spatial),
         }
+    if arch.denoiser_class in ("FluxTransformer2DModel", "QwenImageTransformer2DModel"):
+        return _packed_latent_inputs(arch, batch, height, width, text, make, timestep)
     sample = torch.zeros(batch, channels, height, width, **make)
     if arch.denoiser_class == "SD3Transformer2DModel":
         pooled = torch.zeros(batch, int(arch.denoiser_config["pooled_projection_dim"]), **make)
@@ -81,6 +83,36 @@ def denoiser_inputs(
         if arch.uses_additional_conditions:
             conditions = {"resolution": torch.zeros(batch, 2, **make), "aspect_ratio": torch.zeros(batch, 1, **make)}
         kwargs["added_cond_kwargs"] = conditions
+    return (sample,), kwargs
+
+
+def _packed_latent_inputs(arch: Architecture, batch: int, height: int, width: int, text, make, timestep):
+    """FLUX's and Qwen-Image's call: latents packed 2x2 into tokens, positions as their pipelines
+    build them (FLUX: ids per token; Qwen-Image: the latent grid per image), the timestep as a
+    fraction."""
+    config = arch.denoiser_config
+    rows, columns = height // 2, width // 2
+    sample = torch.zeros(batch, rows * columns, arch.latent_channels, **make)
+    timestep = timestep.to(make["dtype"]) / 1000
+    if arch.denoiser_class == "QwenImageTransformer2DModel":
+        return (sample,), {
+            "encoder_hidden_states": text,
+            "encoder_hidden_states_mask": torch.ones(batch, arch.text_tokens, **make),
+            "timestep": timestep,
+            "img_shapes": [[(1, rows, columns)]] * batch,
+        }
+    image_ids = torch.zeros(rows, columns, 3)
+    image_ids[..., 1] += torch.arange(rows)[:, None]
+    image_ids[..., 2] += torch.arange(columns)[None, :]
+    kwargs = {
+        "encoder_hidden_states": text,
+        "pooled_projections": torch.zeros(batch, int(config["pooled_projection_dim"]), **make),
+        "timestep": timestep,
+        "img_ids": image_ids.reshape(rows * columns, 3).to(make["device"]),
+        "txt_ids": torch.zeros(arch.text_tokens, 3, device=make["device"]),
+    }
+    if config.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((batch,), 3.5, **make)
     return (sample,), kwargs
 
 

@@ -16,6 +16,7 @@ alone and batch size cannot move MACs between the two columns.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +130,9 @@ def generation_macs(
 class ForwardBreakdown:
     """MACs of one denoiser call on a single latent, and the parts held by its self- and
     cross-attention modules (projections and scores; ``norm2`` holds no MACs); in a
-    joint-attention denoiser the text-stream modules count as cross-attention."""
+    joint-attention denoiser the text-stream modules count as cross-attention, and of a
+    single-stream block its text rows' share of the work outside the attention scores (after the
+    gate the block runs its image rows; its attention still computes every query row)."""
 
     total: MacsCount
     self_attention: MacsCount
@@ -141,10 +144,23 @@ class ForwardBreakdown:
 
 def forward_breakdown(arch: Architecture, resolution: int | None = None, denoiser: torch.nn.Module | None = None) -> ForwardBreakdown:
     denoiser = denoiser if denoiser is not None else arch.build_denoiser("meta")
-    attention_kind = {attention.name: attention.cross for attention in hookable_attentions(denoiser, arch.text_streams)}
+    attentions = hookable_attentions(denoiser, arch.text_streams)
+    attention_kind = {attention.name: attention.cross for attention in attentions if attention.single_stream is None}
+    row_layers: dict[str, tuple[int, int]] = {}
+    """Layers of single-stream blocks that run per row of the joint sequence: their text rows,
+    their rows."""
+    watches = [
+        watch
+        for attention in attentions if attention.single_stream is not None
+        for watch in _watch_row_layers(row_layers, attention)
+    ]
     args, kwargs = denoiser_inputs(arch, 1, resolution)
-    with attention_as_one_operator(), FlopCounterMode(display=False) as counter, torch.no_grad():
-        denoiser(*args, **kwargs)
+    try:
+        with attention_as_one_operator(), FlopCounterMode(display=False) as counter, torch.no_grad():
+            denoiser(*args, **kwargs)
+    finally:
+        for watch in watches:
+            watch.remove()
     parts = {False: ZERO, True: ZERO}
     total = ZERO
     for qualified_name, op_flops in counter.get_flop_counts().items():
@@ -153,9 +169,36 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
             continue
         # The counter names modules "<RootClass>.<path>"; the path is what named_modules() gives.
         _, _, path = qualified_name.partition(".")
-        if path in attention_kind:
+        if path in row_layers:
+            text, rows = row_layers[path]
+            parts[True] += MacsCount(macs_from_op_flops(op_flops).total * text // rows, 0)
+        elif path in attention_kind:
             parts[attention_kind[path]] += macs_from_op_flops(op_flops)
     return ForwardBreakdown(total=total, self_attention=parts[False], cross_attention=parts[True])
+
+
+def _watch_row_layers(row_layers: dict[str, tuple[int, int]], attention) -> list:
+    """Pre-hooks on a single-stream block and its ``Linear`` layers, noting each layer that runs
+    on the rows of the block's joint sequence (not, say, its modulation from the timestep)."""
+    layout = attention.single_stream
+    block = attention.module
+    seen: dict[str, int] = {}
+
+    def on_block(module, args, kwargs):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+        seen["text"] = bound[layout.text_argument].shape[1]
+        seen["rows"] = seen["text"] + bound["hidden_states"].shape[1]
+
+    def on_layer(name):
+        def watch(module, args):
+            if args[0].dim() >= 3 and args[0].shape[1] == seen.get("rows"):
+                row_layers[f"{attention.name}.{name}"] = (seen["text"], seen["rows"])
+        return watch
+
+    watches = [block.register_forward_pre_hook(on_block, with_kwargs=True)]
+    watches += [layer.register_forward_pre_hook(on_layer(name))
+                for name, layer in block.named_modules() if isinstance(layer, torch.nn.Linear)]
+    return watches
 
 
 def planned_generation_macs(

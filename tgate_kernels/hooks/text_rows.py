@@ -1,0 +1,183 @@
+"""Freezing the text rows of a single-stream joint-attention block.
+
+A single-stream block (FLUX's second half) runs one set of layers over the text and image rows
+of one sequence. After the gate its text rows are frozen, as a dual-stream block's text stream
+is: the block runs on the image rows alone (its norms, projections, feed-forward and output
+projection see no text row), its attention projections get the text rows they gave at the gate
+put back beside the image rows, so the image attends to the gate step's text keys and values
+with the positions (RoPE) they had, and the block's text output is the one it gave at the gate.
+
+What is cached is one tensor a block: the block's text output and its projections' text rows,
+side by side along the features (every piece has the batch and the text rows as its first two
+dimensions), so the caching, the mean over the guidance parts at the gate and the compiled
+path's buffers are :class:`~.attention_cache.AttentionCacheHook`'s. Taps on the projections and
+the attention carry the rows in and out; they do nothing unless their block's hook says so.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+
+import torch
+
+from .. import _compat
+from ..engine.generation import GenerationState
+from ..families.registry import SingleStreamBlock
+from .attention_cache import AttentionCacheHook
+from .base import TgateHook
+
+
+class RowsMode(enum.Enum):
+    PASS = "pass"
+    CAPTURE = "capture"
+    INJECT = "inject"
+
+
+class BlockRows:
+    """What one block's taps do in its running call, set by the block's hook."""
+
+    def __init__(self, layout: SingleStreamBlock) -> None:
+        self.layout = layout
+        self.mode = RowsMode.PASS
+        self.text_rows = 0
+        self.captured: dict[str, torch.Tensor] = {}
+        self.injected: dict[str, torch.Tensor] = {}
+
+    def text_of(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        return rows[:, :count] if self.layout.text_first else rows[:, rows.shape[1] - count:]
+
+    def image_of(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        return rows[:, count:] if self.layout.text_first else rows[:, : rows.shape[1] - count]
+
+    def joined(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        pieces = (text.to(image.dtype), image) if self.layout.text_first else (image, text.to(image.dtype))
+        return torch.cat(pieces, dim=1)
+
+
+class ProjectionTap(TgateHook):
+    """On an attention projection of a single-stream block: keeps its text rows at the gate, puts
+    them back beside the image rows after it."""
+
+    name = "tgate_text_rows_projection"
+
+    def __init__(self, state: GenerationState, rows: BlockRows, projection: str) -> None:
+        super().__init__(state)
+        self.rows = rows
+        self.projection = projection
+
+    def forward_in_generation(self, module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        rows = self.rows
+        if rows.mode is RowsMode.CAPTURE:
+            rows.captured[self.projection] = rows.text_of(output, rows.text_rows)
+        elif rows.mode is RowsMode.INJECT:
+            return rows.joined(rows.injected[self.projection], output)
+        return output
+
+
+class AttentionTap(TgateHook):
+    """On a single-stream block's attention: after the gate its output covers the text rows put
+    back by the projections too; the block takes the image rows' alone."""
+
+    name = "tgate_text_rows_attention"
+
+    def __init__(self, state: GenerationState, rows: BlockRows) -> None:
+        super().__init__(state)
+        self.rows = rows
+
+    def forward_in_generation(self, module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        rows = self.rows
+        if rows.mode is RowsMode.INJECT:
+            return rows.image_of(output, rows.text_rows)
+        return output
+
+
+class TextRowsHook(AttentionCacheHook):
+    """On a single-stream block: caches its text output and its projections' text rows at the
+    gate (scheduled as cross-attention), runs it on the image rows alone after the gate."""
+
+    name = "tgate_text_rows"
+
+    def __init__(
+        self, state: GenerationState, denoiser: str, block: torch.nn.Module, layout: SingleStreamBlock,
+        plan_as_data: bool = False, module_name: str = "",
+    ) -> None:
+        super().__init__(state, denoiser, cross=True, plan_as_data=plan_as_data, module_name=module_name)
+        self.rows = BlockRows(layout)
+        self.layout = layout
+        attention = getattr(block, layout.attention)
+        self.projections = {name: getattr(attention, name) for name in layout.projections}
+        self.widths = [module.out_features for module in self.projections.values()]
+        self._signature = inspect.signature(block.forward)
+
+    def taps(self, block: torch.nn.Module) -> list[tuple[torch.nn.Module, TgateHook]]:
+        """The hooks that carry this block's rows, with the modules they go on."""
+        taps: list[tuple[torch.nn.Module, TgateHook]] = [
+            (module, ProjectionTap(self.state, self.rows, name)) for name, module in self.projections.items()
+        ]
+        taps.append((getattr(block, self.layout.attention), AttentionTap(self.state, self.rows)))
+        return taps
+
+    def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+        return self._signature.bind(*args, **kwargs)
+
+    def _split(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = output
+        return (first, second) if self.layout.returns_text_first else (second, first)
+
+    def computed(self, keeps: bool, args: tuple, kwargs: dict):
+        """The block's output, with (``keeps``) what is cached of it: its text output and its
+        projections' text rows, side by side."""
+        rows = self.rows
+        if not keeps:
+            return self.fn_ref.original_forward(*args, **kwargs), None
+        text = self._arguments(args, kwargs).arguments[self.layout.text_argument]
+        rows.mode, rows.text_rows, rows.captured = RowsMode.CAPTURE, text.shape[1], {}
+        try:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            captured = rows.captured
+        finally:
+            rows.mode, rows.captured = RowsMode.PASS, {}
+        missing = [name for name in self.projections if name not in captured]
+        if missing:
+            raise RuntimeError(
+                f"`{self.key}`: the projections {missing} T-GATE hooked did not run in this call (were the attention's "
+                f"projections fused, or the modules replaced, after T-GATE was enabled?), so its text rows cannot be "
+                f"frozen. Call tgate_kernels.disable(pipe) and enable it again after changing the model."
+            )
+        text_output, _ = self._split(output)
+        pieces = [text_output] + [captured[name].to(text_output.dtype) for name in self.projections]
+        return output, torch.cat(pieces, dim=-1)
+
+    def kept_of(self, output) -> torch.Tensor:
+        return output[1]
+
+    def observed(self, output) -> torch.Tensor:
+        return self._split(output[0])[0]
+
+    def returned(self, output):
+        return output[0]
+
+    def reused(self, cached: torch.Tensor, args: tuple, kwargs: dict):
+        rows = self.rows
+        width = cached.shape[-1] - sum(self.widths)
+        text_output, *projected = cached.split([width, *self.widths], dim=-1)
+        bound = self._arguments(args, kwargs)
+        text = bound.arguments[self.layout.text_argument]
+        bound.arguments[self.layout.text_argument] = text[:, :0]
+        rows.mode, rows.text_rows = RowsMode.INJECT, cached.shape[1]
+        rows.injected = dict(zip(self.projections, projected))
+        try:
+            output = self.fn_ref.original_forward(*bound.args, **bound.kwargs)
+        finally:
+            rows.mode, rows.injected = RowsMode.PASS, {}
+        _, image_output = self._split(output)
+        text_output = text_output.to(image_output.dtype)
+        return (text_output, image_output) if self.layout.returns_text_first else (image_output, text_output)
+
+
+_compat.diffusers_hook(ProjectionTap, stateful=False)
+_compat.diffusers_hook(AttentionTap, stateful=False)
+_compat.diffusers_hook(TextRowsHook, stateful=True)
