@@ -216,7 +216,30 @@ def _flux_controlnet_components():
 
 QWEN = FAMILIES["qwenimage"]
 
+
+def _sd3_controlnet_components(**options):
+    import diffusers
+
+    components = SD3.build().components
+    config = components["transformer"].config
+    torch.manual_seed(0)
+    components["controlnet"] = diffusers.SD3ControlNetModel(
+        sample_size=config.sample_size, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim, out_channels=4, **options,
+    )
+    # diffusers starts a ControlNet's output layers at zero; random ones make its effect visible
+    for block in components["controlnet"].controlnet_blocks:
+        torch.nn.init.normal_(block.weight, std=0.1)
+    return components
+
+
 VARIANTS = {
+    "StableDiffusion3ControlNetPipeline": (SD3, _sd3_controlnet_components, dict(control_image=_image())),
+    "StableDiffusion3ControlNetInpaintingPipeline": (
+        SD3, lambda: _sd3_controlnet_components(extra_conditioning_channels=1),
+        dict(control_image=_image(), control_mask=torch.ones(1, 1, 32, 32)),
+    ),
     "QwenImageImg2ImgPipeline": (QWEN, lambda: QWEN.build().components, dict(image=_image(), strength=0.9)),
     "QwenImageInpaintPipeline": (
         QWEN, lambda: QWEN.build().components, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9),

@@ -21,7 +21,10 @@ from .registry import Conditioning, Family, SingleStreamBlock, register, registe
 
 register(Family(
     "stable-diffusion-3",
-    pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    pipelines=(
+        "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
+        "StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline",
+    ),
     conditioning=Conditioning.JOINT_ATTENTION,
 ))
 
@@ -75,6 +78,9 @@ for _name, _pipelines, _why in (
     ("hidream", ("HiDreamImagePipeline",),
      "joint attention fed by a Llama layer's text states in every block, with single-stream blocks that take "
      "one joined sequence"),
+    ("stable-diffusion-3-pag", ("StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline"),
+     "joint attention whose PAG processor runs the text stream's projections once for the guided parts and "
+     "once for the perturbed part of each batch"),
     ("chroma", ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"),
      "joint attention whose single-stream blocks take the text and image rows as one joined sequence"),
     ("flux2", ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline"),
