@@ -16,7 +16,7 @@ from fixtures.families import FAMILIES
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
 FLUX = FAMILIES["flux"]
-JOINT = ["sd3", "flux", "qwenimage"]
+JOINT = ["sd3", "flux", "qwenimage", "chroma", "aura-flow"]
 
 
 def _latents(pipe, steps=STEPS, family=SD3, **changes):
@@ -140,6 +140,37 @@ def test_a_single_stream_block_runs_on_its_image_rows_beside_the_gate_steps_text
         assert torch.equal(text_outputs[call], (gate_text[0] + gate_text[1]) / 2)
 
 
+@pytest.mark.parametrize("name", ["chroma", "aura-flow"])
+def test_a_single_stream_block_on_a_joined_sequence_keeps_the_gate_steps_text_rows(name):
+    """Chroma's and AuraFlow's single-stream blocks take the text and image rows joined: after the
+    gate they get the image rows alone, and give back the gate step's text rows before them."""
+    family = FAMILIES[name]
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    block = pipe.transformer.single_transformer_blocks[0]
+    inputs, keys, outputs = [], [], []
+    # the rows the block's layers run on: its value projection's input
+    block.attn.to_v.register_forward_hook(lambda m, args, out: inputs.append(args[0].shape[1]))
+    block.register_forward_hook(lambda m, args, out: outputs.append(out.detach().clone()))
+    block.attn.to_k.register_forward_hook(lambda m, args, out: keys.append(out.detach().clone()))
+    _latents(pipe, family=family)
+    rows = outputs[0].shape[1]
+    text_rows = rows - inputs[-1]
+    assert 0 < text_rows < rows and all(count == rows for count in inputs[: len(inputs) - (STEPS - GATE)])
+    after = range(len(inputs) - (STEPS - GATE), len(inputs))
+    gate_calls = [i for i in range(len(inputs)) if i < after[0]][-2:]
+    layout = tgate_kernels.view(pipe).last_generation.layout
+    if layout.mode.value == "batched":  # one call, [negative, prompt] halves
+        negative, prompt = outputs[after[0] - 1].chunk(2)
+        negative_keys, prompt_keys = keys[after[0] - 1].chunk(2)
+    else:
+        (negative, prompt), (negative_keys, prompt_keys) = [outputs[i] for i in gate_calls], [keys[i] for i in gate_calls]
+    for call in after:
+        assert inputs[call] == rows - text_rows, "after the gate the block takes the image rows alone"
+        assert outputs[call].shape[1] == rows
+        torch.testing.assert_close(outputs[call][:, :text_rows], (negative[:, :text_rows] + prompt[:, :text_rows]) / 2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(keys[call][:, :text_rows], (negative_keys[:, :text_rows] + prompt_keys[:, :text_rows]) / 2, rtol=0, atol=1e-6)
+
+
 def test_without_a_negative_prompt_the_single_stream_text_rows_are_the_gate_steps():
     unguided = {"negative_prompt": None, "true_cfg_scale": 1.0}
     pipe = tgate_kernels.enable(FLUX.build(), gate_step=GATE, sp_interval=1, warm_up=0)
@@ -234,7 +265,10 @@ def _sd3_controlnet_components(**options):
     return components
 
 
+CHROMA = FAMILIES["chroma"]
+
 VARIANTS = {
+    "ChromaImg2ImgPipeline": (CHROMA, lambda: CHROMA.build().components, dict(image=_image(), strength=0.9)),
     "StableDiffusion3ControlNetPipeline": (SD3, _sd3_controlnet_components, dict(control_image=_image())),
     "StableDiffusion3ControlNetInpaintingPipeline": (
         SD3, lambda: _sd3_controlnet_components(extra_conditioning_channels=1),

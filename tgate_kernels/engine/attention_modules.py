@@ -135,10 +135,13 @@ def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
 
 def hookable_attentions(denoiser: torch.nn.Module, text_streams: bool = False) -> list[HookableAttention]:
     """Every attention of ``denoiser`` T-GATE caches, in module order (with ``text_streams``,
-    the text-stream modules of its joint-attention blocks too)."""
+    the text-stream modules of its joint-attention blocks too; the attention inside a
+    single-stream block is then the block's, not a self-attention of its own)."""
+    streams = text_stream_modules(denoiser) if text_streams else []
+    blocks = tuple(f"{a.name}." for a in streams if a.single_stream is not None)
     found = []
     for name, module in denoiser.named_modules():
         kind = attention_kind(module, name.rpartition(".")[2])
-        if kind is not None:
+        if kind is not None and not name.startswith(blocks):
             found.append(HookableAttention(name, module, kind))
-    return found + (text_stream_modules(denoiser) if text_streams else [])
+    return found + streams

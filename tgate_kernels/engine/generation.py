@@ -62,6 +62,8 @@ class CallContext:
         """Records what the hooks do (``view(pipe).record()``)."""
         self.observer: Callable[[object, tuple, torch.Tensor], None] | None = None
         """Sees every cross-attention output computed in a guided call (the auto gate, while it chooses)."""
+        self.text_rows: tuple[DenoiserCall, int] | None = None
+        """The call in which a dual-stream block's text stream last ran, and its text rows."""
 
 
 class GenerationState:

@@ -19,6 +19,7 @@ from .. import _compat
 from ..config import KernelMode, TgateConfig
 from ..families.registry import says_guided, uses_perturbed_attention
 from . import guards
+from .attention_modules import AttentionKind
 from .autogate import AutoGateListener
 from .configuration import Configuration
 from .deepcache import DeepCacheCoordinator
@@ -90,7 +91,10 @@ class TgateController:
                         for module, tap in cache.taps(attention.module):
                             self._attach(module, tap)
                     else:
-                        cache = AttentionCacheHook(self.state, denoiser.attribute, attention.cross, plan_as_data, attention.name)
+                        cache = AttentionCacheHook(
+                            self.state, denoiser.attribute, attention.cross, plan_as_data, attention.name,
+                            text_stream=attention.kind is AttentionKind.TEXT,
+                        )
                     self._attach(attention.module, cache)
                     self.state.add_stateful_hook(cache)
             self.state.add_listener(self._auto_gate)

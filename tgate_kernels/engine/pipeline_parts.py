@@ -22,7 +22,7 @@ SUPPORTED_PIPELINES = (
     "(text-to-image, img2img, inpaint, ControlNet, IP-Adapter, LoRA, LCM, PAG, InstructPix2Pix), Kolors, PixArt-α/Σ, "
     "Sana, Hunyuan-DiT, Lumina-Next, Stable Video Diffusion, AnimateDiff, Latte, Allegro, LTX-Video, Wan 2.1/2.2, "
     "SkyReels-V2, Cosmos, Kandinsky 5, Stable Audio; and of the joint-attention families, Stable Diffusion 3/3.5 "
-    "(text-to-image, img2img, inpaint, ControlNet), FLUX.1 (with img2img, inpaint, Fill, Kontext, Control, ControlNet) and Qwen-Image (with img2img, inpaint)"
+    "(text-to-image, img2img, inpaint, ControlNet), FLUX.1 (with img2img, inpaint, Fill, Kontext, Control, ControlNet), Chroma, AuraFlow and Qwen-Image (with img2img, inpaint)"
 )
 
 

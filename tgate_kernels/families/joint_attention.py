@@ -29,6 +29,9 @@ register(Family(
 ))
 
 register_single_stream(SingleStreamBlock("FluxSingleTransformerBlock"))
+# blocks taking one joined sequence, text rows first: as many as the dual-stream blocks' text
+register_single_stream(SingleStreamBlock("ChromaSingleTransformerBlock", text_argument=None))
+register_single_stream(SingleStreamBlock("AuraFlowSingleTransformerBlock", text_argument=None))
 
 register(Family(
     "flux",
@@ -40,6 +43,14 @@ register(Family(
     ),
     conditioning=Conditioning.JOINT_ATTENTION,
 ))
+
+register(Family(
+    "chroma",
+    pipelines=("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"),
+    conditioning=Conditioning.JOINT_ATTENTION,
+))
+
+register(Family("aura-flow", pipelines=("AuraFlowPipeline",), conditioning=Conditioning.JOINT_ATTENTION))
 
 register(Family(
     "qwen-image",
@@ -69,9 +80,6 @@ for _name, _pipelines, _why in (
     ("mochi", ("MochiPipeline",),
      "joint attention whose processor attends to each sample's own unpadded text tokens, chosen by the prompt's "
      "mask inside the processor"),
-    ("aura-flow", ("AuraFlowPipeline",),
-     "joint attention whose single-stream blocks take the text and image rows as one sequence without saying "
-     "where the text ends"),
     ("lumina2", ("Lumina2Pipeline",),
      "joint attention over one sequence joining the text and image tokens in every layer, with no separate text "
      "stream, after a text refiner that runs every step"),
@@ -81,8 +89,6 @@ for _name, _pipelines, _why in (
     ("stable-diffusion-3-pag", ("StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline"),
      "joint attention whose PAG processor runs the text stream's projections once for the guided parts and "
      "once for the perturbed part of each batch"),
-    ("chroma", ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"),
-     "joint attention whose single-stream blocks take the text and image rows as one joined sequence"),
     ("flux2", ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline"),
      "joint attention whose single-stream blocks take the text and image rows joined, split only by a "
      "`text_seq_len` argument"),

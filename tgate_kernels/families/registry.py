@@ -61,13 +61,16 @@ class SingleStreamBlock:
 
     ``text_argument`` is the forward argument that brings its text rows; ``text_first`` says
     whether they come before the image rows in the block's sequence, ``returns_text_first``
-    whether the text output comes first in the pair the block returns; ``attention`` is the
-    block's attention attribute and ``projections`` that attention's projections of the joint
-    sequence (each a ``Linear`` whose rows follow the sequence's).
+    whether the text output comes first in the pair the block returns. A block with no
+    ``text_argument`` takes one joined sequence as ``image_argument``, the text rows first, as
+    many as the dual-stream blocks before it in the same call had, and returns it joined.
+    ``attention`` is the block's attention attribute and ``projections`` that attention's
+    projections of the joint sequence (each a ``Linear`` whose rows follow the sequence's).
     """
 
     block: str
-    text_argument: str = "encoder_hidden_states"
+    text_argument: str | None = "encoder_hidden_states"
+    image_argument: str = "hidden_states"
     text_first: bool = True
     returns_text_first: bool = True
     attention: str = "attn"

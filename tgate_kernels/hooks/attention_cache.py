@@ -114,10 +114,16 @@ class AttentionCacheHook(TgateHook):
 
     name = "tgate_attention_cache"
 
-    def __init__(self, state: GenerationState, denoiser: str, cross: bool, plan_as_data: bool = False, module_name: str = "") -> None:
+    def __init__(
+        self, state: GenerationState, denoiser: str, cross: bool, plan_as_data: bool = False, module_name: str = "",
+        text_stream: bool = False,
+    ) -> None:
         super().__init__(state)
         self.denoiser = denoiser
         self.cross = cross
+        self.text_stream = text_stream
+        """A module of a dual-stream block's text stream: its output's rows are the text's, which a
+        single-stream block taking one joined sequence reads (:attr:`CallContext.text_rows`)."""
         self.plan_as_data = plan_as_data
         self.caches: dict[int, PartCache] = {}
         """One cache per run of the denoiser within a step (:attr:`DenoiserCall.run`)."""
@@ -148,6 +154,13 @@ class AttentionCacheHook(TgateHook):
         return cached
 
     def forward_in_generation(self, module, *args, **kwargs):
+        output = self._forward_in_generation(*args, **kwargs)
+        context = self.state.context
+        if self.text_stream and context.call is not None:
+            context.text_rows = (context.call, output.shape[1])
+        return output
+
+    def _forward_in_generation(self, *args, **kwargs):
         state = self.state
         context = state.context
         call = context.call

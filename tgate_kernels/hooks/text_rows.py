@@ -1,7 +1,8 @@
 """Freezing the text rows of a single-stream joint-attention block.
 
-A single-stream block (FLUX's second half) runs one set of layers over the text and image rows
-of one sequence. After the gate its text rows are frozen, as a dual-stream block's text stream
+A single-stream block (FLUX's second half, Chroma's, AuraFlow's DiT blocks) runs one set of
+layers over the text and image rows of one sequence, given to it apart (FLUX) or joined, text
+first, their count the text rows of the dual-stream blocks before it (Chroma, AuraFlow). After the gate its text rows are frozen, as a dual-stream block's text stream
 is: the block runs on the image rows alone (its norms, projections, feed-forward and output
 projection see no text row), its attention projections get the text rows they gave at the gate
 put back beside the image rows, so the image attends to the gate step's text keys and values
@@ -123,18 +124,41 @@ class TextRowsHook(AttentionCacheHook):
     def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
         return self._signature.bind(*args, **kwargs)
 
-    def _split(self, output) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_count(self, bound: inspect.BoundArguments) -> int:
+        """The text rows of this call of the block."""
+        if self.layout.text_argument is not None:
+            return bound.arguments[self.layout.text_argument].shape[1]
+        context = self.state.context
+        seen = context.text_rows
+        if seen is None or seen[0] is not context.call:
+            raise RuntimeError(
+                f"`{self.key}` takes its text and image rows joined, and no dual-stream block's text stream ran before it "
+                f"in this call of `{self.denoiser}` to say how many of the rows are text."
+            )
+        return seen[1]
+
+    def _split(self, output, text_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text output, image output) of the block's output."""
+        if self.layout.text_argument is None:
+            return output[:, :text_rows], output[:, text_rows:]
         first, second = output
         return (first, second) if self.layout.returns_text_first else (second, first)
 
+    def _joined(self, text_output: torch.Tensor, image_output: torch.Tensor):
+        """The block's output from its text and image outputs."""
+        if self.layout.text_argument is None:
+            return torch.cat([text_output, image_output], dim=1)
+        return (text_output, image_output) if self.layout.returns_text_first else (image_output, text_output)
+
     def computed(self, keeps: bool, args: tuple, kwargs: dict):
-        """The block's output, with (``keeps``) what is cached of it: its text output and its
-        projections' text rows, side by side."""
+        """The block's output and its text rows' count, with (``keeps``) what is cached of it: its
+        text output and its projections' text rows, side by side."""
         rows = self.rows
+        bound = self._arguments(args, kwargs)
+        count = self._text_count(bound)
         if not keeps:
-            return self.fn_ref.original_forward(*args, **kwargs), None
-        text = self._arguments(args, kwargs).arguments[self.layout.text_argument]
-        rows.mode, rows.text_rows, rows.captured = RowsMode.CAPTURE, text.shape[1], {}
+            return self.fn_ref.original_forward(*args, **kwargs), count, None
+        rows.mode, rows.text_rows, rows.captured = RowsMode.CAPTURE, count, {}
         try:
             output = self.fn_ref.original_forward(*args, **kwargs)
             captured = rows.captured
@@ -147,35 +171,38 @@ class TextRowsHook(AttentionCacheHook):
                 f"projections fused, or the modules replaced, after T-GATE was enabled?), so its text rows cannot be "
                 f"frozen. Call tgate_kernels.disable(pipe) and enable it again after changing the model."
             )
-        text_output, _ = self._split(output)
+        text_output, _ = self._split(output, count)
         pieces = [text_output] + [captured[name].to(text_output.dtype) for name in self.projections]
-        return output, torch.cat(pieces, dim=-1)
+        return output, count, torch.cat(pieces, dim=-1)
 
     def kept_of(self, output) -> torch.Tensor:
-        return output[1]
+        return output[2]
 
     def observed(self, output) -> torch.Tensor:
-        return self._split(output[0])[0]
+        return self._split(output[0], output[1])[0]
 
     def returned(self, output):
         return output[0]
 
     def reused(self, cached: torch.Tensor, args: tuple, kwargs: dict):
         rows = self.rows
+        count = cached.shape[1]
         width = cached.shape[-1] - sum(self.widths)
         text_output, *projected = cached.split([width, *self.widths], dim=-1)
         bound = self._arguments(args, kwargs)
-        text = bound.arguments[self.layout.text_argument]
-        bound.arguments[self.layout.text_argument] = text[:, :0]
-        rows.mode, rows.text_rows = RowsMode.INJECT, cached.shape[1]
+        if self.layout.text_argument is None:
+            joined = bound.arguments[self.layout.image_argument]
+            bound.arguments[self.layout.image_argument] = joined[:, count:]
+        else:
+            bound.arguments[self.layout.text_argument] = bound.arguments[self.layout.text_argument][:, :0]
+        rows.mode, rows.text_rows = RowsMode.INJECT, count
         rows.injected = dict(zip(self.projections, projected))
         try:
             output = self.fn_ref.original_forward(*bound.args, **bound.kwargs)
         finally:
             rows.mode, rows.injected = RowsMode.PASS, {}
-        _, image_output = self._split(output)
-        text_output = text_output.to(image_output.dtype)
-        return (text_output, image_output) if self.layout.returns_text_first else (image_output, text_output)
+        _, image_output = self._split(output, 0)
+        return self._joined(text_output.to(image_output.dtype), image_output)
 
 
 _compat.diffusers_hook(ProjectionTap, stateful=False)

@@ -183,11 +183,13 @@ def _watch_row_layers(row_layers: dict[str, tuple[int, int]], attention) -> list
     layout = attention.single_stream
     block = attention.module
     seen: dict[str, int] = {}
+    if layout.text_argument is None:
+        return []  # a joined sequence does not say its text rows here: its saving is left out
 
     def on_block(module, args, kwargs):
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         seen["text"] = bound[layout.text_argument].shape[1]
-        seen["rows"] = seen["text"] + bound["hidden_states"].shape[1]
+        seen["rows"] = seen["text"] + bound[layout.image_argument].shape[1]
 
     def on_layer(name):
         def watch(module, args):
