@@ -178,3 +178,14 @@ def test_attention_scores_are_counted_from_the_attention_call():
     by_keyword = count_macs(lambda: torch.nn.functional.scaled_dot_product_attention(
         query=q, key=k[:, :1], value=v[:, :1], attn_mask=mask, enable_gqa=True))
     assert by_keyword == counted
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_a_denoisers_generation_is_timed_baseline_against_t_gate(name):
+    """What the GPU checks time for SD3.5 Large and FLUX.1-dev, on the CPU with tiny configs."""
+    from tgate_kernels.tools.benchmarking.loop_latency import loop_latency
+
+    arch = tiny_architecture(name)
+    timed = loop_latency(arch, device="cpu", dtype=torch.float32, rounds=1)
+    assert timed.baseline_s > 0 and timed.tgate_s > 0 and timed.steps == arch.steps and timed.gate_step == arch.gate_step
+    assert timed.ratio == timed.tgate_s / timed.baseline_s

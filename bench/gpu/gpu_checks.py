@@ -1,8 +1,9 @@
 """The GPU checks of ``bench/gpu/run.sh``: the fused op through the dispatcher on CUDA, its
-bandwidth against a device copy, and SD-1.5 / SDXL end to end. Writes ``GPU_RESULTS.md`` (and
+bandwidth against a device copy, SD-1.5 / SDXL end to end, and the joint-attention denoisers
+(SD3.5 Large, FLUX.1-dev, Qwen-Image) baseline against T-GATE. Writes ``GPU_RESULTS.md`` (and
 the raw JSON) into ``--out``.
 
-    python3 bench/gpu/gpu_checks.py --out bench/out/gpu [--skip-sdxl]
+    python3 bench/gpu/gpu_checks.py --out bench/out/gpu [--skip-sdxl] [--skip-joint]
 """
 
 from __future__ import annotations
@@ -115,10 +116,46 @@ def end_to_end_section(rows: list, resolution: int) -> list[str]:
     return lines
 
 
+def joint_attention_section(budget_s: float) -> tuple[list[str], dict]:
+    """The joint-attention denoisers' generations at their defaults in bfloat16: baseline
+    against T-GATE at 40 % of the steps (the MACs ratios are bench/RESULTS.md's)."""
+    from tgate_kernels.tools.benchmarking.architectures import architecture
+    from tgate_kernels.tools.benchmarking.loop_latency import loop_latency
+
+    lines = [
+        "",
+        "## Joint attention: the denoiser's generation alone, bfloat16, released configs, random weights",
+        "",
+        "| model | size | steps | gate | baseline s | T-GATE s | ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    raw = {}
+    for model in ("sd35-large", "flux1-dev", "qwen-image"):
+        if time.perf_counter() - START > budget_s:
+            lines.append(f"| {model}: not run, the time budget ({budget_s:.0f} s) was spent | | | | | | |")
+            break
+        try:
+            timed = loop_latency(architecture(model), device="cuda", dtype=torch.bfloat16, rounds=3)
+        except Exception as error:  # one model failing keeps the others' results
+            log(f"{model}: {type(error).__name__}: {error}")
+            lines.append(f"| {model}: failed: {type(error).__name__}: {str(error)[:200]} | | | | | | |")
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        raw[model] = timed.__dict__
+        lines.append(
+            f"| {timed.label} | {timed.resolution}² | {timed.steps} | {timed.gate_step} | {timed.baseline_s:.3f} "
+            f"| {timed.tgate_s:.3f} | {timed.ratio:.3f} |"
+        )
+        log(lines[-1])
+    return lines, raw
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-sdxl", action="store_true")
+    parser.add_argument("--skip-joint", action="store_true", help="skip SD3.5 Large, FLUX.1-dev and Qwen-Image")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="start no end-to-end model once this many seconds have passed (the results so far are kept)")
     args = parser.parse_args()
@@ -163,8 +200,13 @@ def main() -> int:
     write()
     # compiling takes minutes per graph: SD-1.5 shows compiled T-GATE against the compiled
     # baseline; SDXL runs the eager variants, inside the run's 8 minutes
-    for model, resolution, compile in (("sd15", 512, True), ("sdxl", 1024, False)):
-        if model == "sdxl" and args.skip_sdxl:
+    for model, resolution, compile in (("sd15", 512, True), ("joint", 1024, False), ("sdxl", 1024, False)):
+        if model == "sdxl" and args.skip_sdxl or model == "joint" and args.skip_joint:
+            continue
+        if model == "joint":
+            lines, raw["joint_attention"] = joint_attention_section(args.budget_s)
+            sections += lines
+            write()
             continue
         if time.perf_counter() - START > args.budget_s:
             sections += ["", f"{model} {resolution}²: not run, the time budget ({args.budget_s:.0f} s) was spent."]

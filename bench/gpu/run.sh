@@ -9,7 +9,8 @@
 # torch), checks the fused op through the dispatcher on CUDA (opcheck), times the fused op against
 # the unfused sequence and a device copy of the same bytes, and times SD-1.5 512² and SDXL 1024²
 # (25 steps, gate 10, float16): baseline, reference tgate 1.0.0, T-GATE eager and fused, and for
-# SD-1.5 compiled T-GATE against the baseline compiled the same way.
+# SD-1.5 compiled T-GATE against the baseline compiled the same way; and the joint-attention
+# denoisers (SD3.5 Large, FLUX.1-dev, Qwen-Image at 1024², bfloat16) baseline against T-GATE.
 # Everything lands in $OUT (GPU_RESULTS.md first), to be copied into bench/.
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
