@@ -25,6 +25,8 @@ TINY_BENCH = [
     "--steps", "4",
     "--repeats", "1",
     "--python-calls-model", "tiny-sd",
+    "--throughput", "1,2",
+    "--throughput-model", "tiny-sd",
     "--device", "cpu",
 ]
 
@@ -71,7 +73,13 @@ def test_bench_end_to_end_on_tiny_architectures(tmp_path, capsys):
 
     with open(out / "bench.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert {r["table"] for r in rows} == {"macs", "macs_sweep", "latency", "resolutions", "python_calls"}
+    assert {r["table"] for r in rows} == {"macs", "macs_sweep", "latency", "resolutions", "python_calls", "throughput"}
+    throughput = results["throughput"]
+    assert [r["prompts"] for r in throughput] == [1, 2] and all(r["gate_step"] == 2 for r in throughput)
+    for row in throughput:
+        assert row["baseline_images_per_s"] > 0 and row["tgate_images_per_s"] > 0 and 0 < row["macs_ratio"] < 1
+        assert row["latency_ratio"] == pytest.approx(row["baseline_images_per_s"] / row["tgate_images_per_s"])
+    assert "Throughput of the denoiser alone" in printed
     assert Image.open(out / "bench.png").size[0] > 500
     assert "tiny PixArt (test)" in (out / "bench.txt").read_text()
 
@@ -89,6 +97,8 @@ def test_bench_end_to_end_on_tiny_architectures(tmp_path, capsys):
         (["bench", "--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         (["bench", "--resolutions", "64,100"], "argument --resolutions: 100 is not allowed; expected a multiple of 64"),
         (["bench", "--device", "tpu"], "argument --device: 'tpu'"),
+        (["bench", "--throughput", "0,4"], "argument --throughput: [0, 4] has a batch below 1 prompt"),
+        (["bench", "--throughput", "4", "--throughput-model", "nope"], "argument --throughput-model: 'nope' is not one model"),
         (["bench", "--latency-models", "sdxl-deepcache"], "argument --latency-models: 'sdxl-deepcache' is a MACs-only row"),
         (["generate", "--model", "x", "--prompt", "p", "--deepcache", "3"], "argument --deepcache: '3' is not INTERVAL,BRANCH"),
         (["generate", "--prompt", "p"], "the following arguments are required: --model"),

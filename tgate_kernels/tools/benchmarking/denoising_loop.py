@@ -145,14 +145,15 @@ class DenoisingLoop:
         return _SilentProgressBar() if iterable is None else iterable
 
     def prepare_latents(self, sample: torch.Tensor) -> torch.Tensor:
-        """The latents of one prompt: the first row of the (guided) sample."""
-        return sample[:1]
+        """The latents of the prompts: the first part of the (guided) sample."""
+        return sample[: sample.shape[0] // (2 if self._cfg else 1)]
 
     @torch.no_grad()
-    def run(self, steps: int, resolution: int | None = None, device: str | torch.device = "meta", dtype=torch.float32, on_step=None) -> None:
-        """One generation of ``steps`` solver steps, one denoiser call each; ``on_step(step)``
-        runs after each call."""
-        args, kwargs = denoiser_inputs(self.arch, 2 if self._cfg else 1, resolution, device, dtype)
+    def run(self, steps: int, resolution: int | None = None, device: str | torch.device = "meta", dtype=torch.float32, on_step=None,
+            prompts: int = 1) -> None:
+        """One generation of ``prompts`` images in ``steps`` solver steps, one denoiser call each;
+        ``on_step(step)`` runs after each call."""
+        args, kwargs = denoiser_inputs(self.arch, prompts * (2 if self._cfg else 1), resolution, device, dtype)
         self.prepare_latents(args[0])
         # Step-aware helpers (DeepCache) find the step by looking the call's timestep up in the
         # scheduler's timesteps, as in a pipeline: UNets get the step's timestep as a 0-dim CPU

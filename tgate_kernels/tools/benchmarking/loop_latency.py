@@ -22,9 +22,10 @@ from .denoising_loop import DenoisingLoop
 
 @dataclass(frozen=True)
 class LoopLatency:
-    """Seconds per generation of the denoiser alone (medians over ``rounds``)."""
+    """Seconds per generation of ``prompts`` images by the denoiser alone (medians over ``rounds``)."""
 
     label: str
+    prompts: int
     resolution: int
     steps: int
     gate_step: int
@@ -36,6 +37,14 @@ class LoopLatency:
     def ratio(self) -> float:
         return self.tgate_s / self.baseline_s
 
+    @property
+    def baseline_images_per_s(self) -> float:
+        return self.prompts / self.baseline_s
+
+    @property
+    def tgate_images_per_s(self) -> float:
+        return self.prompts / self.tgate_s
+
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
@@ -44,13 +53,17 @@ def _synchronize(device: torch.device) -> None:
 
 def loop_latency(
     arch: Architecture, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, rounds: int = 3,
-    resolution: int | None = None,
+    resolution: int | None = None, prompts: int = 1, steps: int | None = None, gate_step: int | None = None,
+    denoiser: torch.nn.Module | None = None,
 ) -> LoopLatency:
-    """Baseline and T-GATE (the architecture's published setting) generations of ``arch``'s
-    denoiser, built with random weights on ``device`` in ``dtype``."""
+    """Baseline and T-GATE generations of ``prompts`` images by ``arch``'s denoiser (built with
+    random weights on ``device`` in ``dtype`` unless given), at its published setting unless
+    ``steps`` and ``gate_step`` say otherwise."""
     device = torch.device(device)
-    loop = DenoisingLoop(arch, arch.build_denoiser(device, dtype), arch.cfg)
-    config = arch.tgate_config()
+    denoiser = denoiser if denoiser is not None else arch.build_denoiser(device, dtype)
+    loop = DenoisingLoop(arch, denoiser, arch.cfg)
+    config = arch.tgate_config(gate_step, deepcache=False)
+    steps = steps or arch.steps
 
     def generation(gated: bool) -> float:
         if gated:
@@ -58,7 +71,7 @@ def loop_latency(
         try:
             _synchronize(device)
             start = time.perf_counter()
-            loop.run(arch.steps, resolution, device=device, dtype=dtype)
+            loop.run(steps, resolution, device=device, dtype=dtype, prompts=prompts)
             _synchronize(device)
             return time.perf_counter() - start
         finally:
@@ -71,6 +84,6 @@ def loop_latency(
         for gated in (False, True):
             times[gated].append(generation(gated))
     return LoopLatency(
-        arch.label, resolution or arch.resolution, arch.steps, config.gate_step,
+        arch.label, prompts, resolution or arch.resolution, steps, config.gate_step,
         statistics.median(times[False]), statistics.median(times[True]), rounds,
     )

@@ -99,6 +99,16 @@ def python_calls_table(results: BenchResults) -> str:
     return format_table(headers, rows)
 
 
+def throughput_table(results: BenchResults) -> str:
+    headers = ["model", "prompts", "px", "steps", "gate", "device", "baseline img/s", "T-GATE img/s", "time ratio", "MACs predict"]
+    rows = [
+        [r.model, r.prompts, r.resolution, r.steps, r.gate_step, f"{r.device}/{r.dtype}", _fixed(r.baseline_images_per_s),
+         _fixed(r.tgate_images_per_s), _fixed(r.latency_ratio), _fixed(r.macs_ratio)]
+        for r in results.throughput
+    ]
+    return format_table(headers, rows)
+
+
 def render(results: BenchResults) -> str:
     parts = ["MACs of a whole generation (denoiser), published settings", macs_table(results), "", results.macs_convention]
     if results.latency:
@@ -108,6 +118,9 @@ def render(results: BenchResults) -> str:
         parts += ["", "T-GATE vs baseline across image sizes (fused T-GATE; MACs predict the ratio with attention scores)", resolutions_table(results)]
     if results.python_calls:
         parts += ["", "Python function calls per denoising step", python_calls_table(results)]
+    if results.throughput:
+        parts += ["", "Throughput of the denoiser alone (its generation of a batch of prompts; text encoding, scheduler "
+                  "and VAE left out), baseline vs eager T-GATE, medians of interleaved rounds", throughput_table(results)]
     if results.notes:
         parts += ["", *results.notes]
     return "\n".join(parts)

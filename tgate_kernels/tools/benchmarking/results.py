@@ -104,6 +104,26 @@ class PythonCallsRow:
 
 
 @dataclass
+class ThroughputRow:
+    """Images per second of the denoiser alone at one batch of prompts: baseline against eager
+    T-GATE."""
+
+    model: str
+    label: str
+    prompts: int
+    resolution: int
+    steps: int
+    gate_step: int
+    device: str
+    dtype: str
+    rounds: int
+    baseline_images_per_s: float
+    tgate_images_per_s: float
+    latency_ratio: float
+    macs_ratio: float
+
+
+@dataclass
 class BenchResults:
     environment: dict
     settings: dict
@@ -114,9 +134,10 @@ class BenchResults:
     latency: list[LatencyRow] = field(default_factory=list)
     resolutions: list[ResolutionRow] = field(default_factory=list)
     python_calls: list[PythonCallsRow] = field(default_factory=list)
+    throughput: list[ThroughputRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    TABLES = ("macs", "macs_sweep", "latency", "resolutions", "python_calls")
+    TABLES = ("macs", "macs_sweep", "latency", "resolutions", "python_calls", "throughput")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,8 +16,9 @@ from .latency import BASELINE, BASELINE_COMPILED, BASELINES, REFERENCE, TGATE, T
 from ...config import TgateConfig
 from .macs import forward_breakdown, generation_macs, planned_generation_macs
 from .params import denoiser_params
+from .loop_latency import loop_latency
 from .python_calls import measure_python_calls
-from .results import BenchResults, LatencyRow, MacsRow, MacsSweepRow, PythonCallsRow, ResolutionRow
+from .results import BenchResults, LatencyRow, MacsRow, MacsSweepRow, PythonCallsRow, ResolutionRow, ThroughputRow
 
 ATTENTION_SCORES_NOTE = (
     "MACs = FLOPs/2 from torch.utils.flop_counter.FlopCounterMode on the meta device, whole "
@@ -44,6 +45,9 @@ class BenchOptions:
     """Sizes of the resolution sweep (baseline vs T-GATE)."""
     python_calls_model: str | None = "sd15"
     python_calls_resolution: int = 64
+    throughput_model: str | None = None
+    throughput_prompts: list[int] = field(default_factory=list)
+    """Batches of prompts whose images per second are measured (denoiser alone)."""
     extra_manifests: tuple[str, ...] = ()
 
     def architecture(self, name: str) -> Architecture:
@@ -257,6 +261,27 @@ def _python_calls_rows(options: BenchOptions) -> list[PythonCallsRow]:
     ]
 
 
+def _throughput_rows(options: BenchOptions, progress: Progress) -> list[ThroughputRow]:
+    arch = options.architecture(options.throughput_model)
+    gate_step = _scaled_gate(arch, options.steps)
+    predicted = _predicted(arch, options.resolution, options.steps, gate_step, arch.tgate_config())[0]
+    denoiser = arch.build_denoiser(options.device, options.dtype)
+    rows = []
+    for prompts in options.throughput_prompts:
+        timed = loop_latency(
+            arch, options.device, options.dtype, rounds=options.repeats, resolution=options.resolution, prompts=prompts,
+            steps=options.steps, gate_step=gate_step, denoiser=denoiser,
+        )
+        rows.append(ThroughputRow(
+            model=arch.name, label=arch.label, prompts=prompts, resolution=timed.resolution, steps=timed.steps,
+            gate_step=timed.gate_step, device=str(options.device), dtype=str(options.dtype).replace("torch.", ""),
+            rounds=timed.rounds, baseline_images_per_s=timed.baseline_images_per_s,
+            tgate_images_per_s=timed.tgate_images_per_s, latency_ratio=timed.ratio, macs_ratio=predicted,
+        ))
+        progress(f"{arch.name}: throughput at {prompts} prompts")
+    return rows
+
+
 def environment(options: BenchOptions) -> dict:
     import diffusers
 
@@ -281,7 +306,8 @@ def planned_work(options: BenchOptions) -> int:
     latency = len(options.latency_models) * len(options.gate_steps or [0]) * calls
     sweep_runs = [r for r in options.resolutions if r != options.resolution or options.gate_steps]
     sweep = len(options.latency_models) * len(sweep_runs) * (options.repeats + 1) * 2
-    return macs + latency + sweep + (1 if options.python_calls_model else 0)
+    throughput = len(options.throughput_prompts) if options.throughput_model else 0
+    return macs + latency + sweep + (1 if options.python_calls_model else 0) + throughput
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> BenchResults:
@@ -300,6 +326,8 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
             compile=options.compile,
             resolutions=options.resolutions,
             python_calls_model=options.python_calls_model,
+            throughput_model=options.throughput_model,
+            throughput_prompts=options.throughput_prompts,
             extra_manifests=list(options.extra_manifests),
         ),
         macs_convention=ATTENTION_SCORES_NOTE,
@@ -320,4 +348,6 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
     if options.python_calls_model:
         results.python_calls = _python_calls_rows(options)
         progress(f"{options.python_calls_model}: Python calls per step")
+    if options.throughput_model and options.throughput_prompts:
+        results.throughput = _throughput_rows(options, progress)
     return results

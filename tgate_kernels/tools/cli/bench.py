@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
             "interval 3, branch 0), counted on the meta device, next to the published table. Latency and peak memory: "
             "the --latency-models at --resolution/--steps, baseline, T-GATE and the reference `tgate` package "
             "(when installed) timed alternately, then the T-GATE/baseline ratio across --resolutions. The defaults take about "
-            "10 minutes on a 2-core CPU (2 more for SD3.5 Large's MACs); adding 512 to --resolutions adds about 11."
+            "10 minutes on a 2-core CPU (4 more for the MACs of SD3.5 Large, FLUX.1-dev and Qwen-Image); adding 512 to --resolutions adds about 11."
         ),
         formatter_class=arguments.HelpFormatter,
     )
@@ -57,6 +57,11 @@ def add_parser(commands) -> None:
                             "time and memory are reported as the first call's)")
     bench.add_argument("--no-python-calls", dest="python_calls", action="store_false", help="skip counting Python calls per step")
     bench.add_argument("--python-calls-model", default="sd15", help="the one model whose pipeline the Python calls per step are counted on (at 64 px)")
+    bench.add_argument("--throughput", type=arguments.int_list, default=[], metavar="PROMPTS",
+                       help="comma-separated batches of prompts (e.g. 1,4,8) whose images per second the denoiser gives, "
+                            "baseline against eager T-GATE, at --resolution/--steps (none by default: a batch of 8 at 256 px "
+                            "takes minutes on a CPU)")
+    bench.add_argument("--throughput-model", default="sd15", help="the model whose throughput --throughput measures")
     bench.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG plot")
     bench.add_argument("--out", default=DEFAULT_OUT, help="output directory for bench.json, bench.csv, bench.txt and bench.png")
     bench.set_defaults(handler=run)
@@ -100,6 +105,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for name in latency_models:
         if not known[name].timeable:
             parser.error(f"argument --latency-models: {name!r} is a MACs-only row; time one of the plain models instead")
+    if args.throughput and args.throughput_model not in known:
+        parser.error(f"argument --throughput-model: {args.throughput_model!r} is not one model; choose one of {', '.join(known)}")
+    if any(prompts < 1 for prompts in args.throughput):
+        parser.error(f"argument --throughput: {args.throughput} has a batch below 1 prompt; give positive counts such as 1,4,8")
     options = BenchOptions(
         models=models,
         latency_models=latency_models,
@@ -113,6 +122,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         compile=args.compile,
         resolutions=args.resolutions,
         python_calls_model=python_calls_model,
+        throughput_model=args.throughput_model if args.throughput else None,
+        throughput_prompts=args.throughput,
         extra_manifests=extra,
     )
     with tqdm(total=planned_work(options), desc="bench", unit="task", file=sys.stderr, dynamic_ncols=True) as bar:
