@@ -107,6 +107,9 @@ def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:
 
 _TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 _TEXT_FEED_FORWARDS = ("ff_context", "txt_mlp")
+_TEXT_REFINERS = frozenset({"HunyuanVideoTokenRefiner"})
+"""Modules that rework the prompt's embeddings for the text stream every step (their output
+reaches the image only through the text-stream modules, frozen after the gate)."""
 
 
 def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
@@ -115,10 +118,14 @@ def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
     ``add_v_proj``, ``to_add_out``) and the block's text feed-forward (``ff_context``,
     Qwen-Image's ``txt_mlp``); the image tokens see the text only through the keys and values
     these give the joint attention. A single-stream block (a registered class) is one entry: the
-    block itself, whose text rows :mod:`tgate_kernels.hooks.text_rows` freezes."""
+    block itself, whose text rows :mod:`tgate_kernels.hooks.text_rows` freezes. A text refiner
+    running before the blocks (HunyuanVideo's) is frozen too."""
     modules = dict(denoiser.named_modules())
     found = []
     for name, module in modules.items():
+        if type(module).__name__ in _TEXT_REFINERS:
+            found.append(HookableAttention(name, module, AttentionKind.TEXT))
+            continue
         layout = single_stream_layout(module)
         if layout is not None:
             found.append(HookableAttention(name, module, AttentionKind.TEXT, layout))
@@ -136,9 +143,10 @@ def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
 def hookable_attentions(denoiser: torch.nn.Module, text_streams: bool = False) -> list[HookableAttention]:
     """Every attention of ``denoiser`` T-GATE caches, in module order (with ``text_streams``,
     the text-stream modules of its joint-attention blocks too; the attention inside a
-    single-stream block is then the block's, not a self-attention of its own)."""
+    single-stream block or a text refiner is then theirs, not a self-attention of its own)."""
     streams = text_stream_modules(denoiser) if text_streams else []
-    blocks = tuple(f"{a.name}." for a in streams if a.single_stream is not None)
+    # the attention inside a single-stream block or a text refiner is part of the text stream's work
+    blocks = tuple(f"{a.name}." for a in streams)
     found = []
     for name, module in denoiser.named_modules():
         kind = attention_kind(module, name.rpartition(".")[2])

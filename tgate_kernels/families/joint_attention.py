@@ -52,6 +52,36 @@ register(Family(
 
 register(Family("aura-flow", pipelines=("AuraFlowPipeline",), conditioning=Conditioning.JOINT_ATTENTION))
 
+# blocks that cut their sequence by the text rows' count: they keep their text rows after the
+# gate, their row-wise modules computing the image rows alone
+register_single_stream(SingleStreamBlock(
+    "HunyuanVideoSingleTransformerBlock", text_first=False, returns_text_first=False, row_modules=("proj_mlp", "proj_out"),
+))
+register_single_stream(SingleStreamBlock(
+    "HunyuanVideoTokenReplaceSingleTransformerBlock", text_first=False, returns_text_first=False,
+    row_modules=("proj_mlp", "proj_out"),
+))
+# every CogVideoX block is single-stream: one set of projections and one feed-forward over the
+# text rows and the video rows, joined inside its attention processor (RoPE after the text rows)
+register_single_stream(SingleStreamBlock(
+    "CogVideoXBlock", returns_text_first=False, attention="attn1", row_modules=("attn1.to_out.0", "ff"),
+))
+
+register(Family(
+    "hunyuan-video",
+    pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline"),
+    conditioning=Conditioning.JOINT_ATTENTION,
+))
+
+register(Family(
+    "cogvideox",
+    pipelines=(
+        "CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
+        "CogVideoXFunControlPipeline",
+    ),
+    conditioning=Conditioning.JOINT_ATTENTION,
+))
+
 register(Family(
     "qwen-image",
     pipelines=(
@@ -67,16 +97,11 @@ register(Family(
 # `enable`, each with what stands in the way.
 _NOT_YET = "T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
 for _name, _pipelines, _why in (
-    ("hunyuan-video",
-     ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline",
-      "HunyuanVideoFramepackPipeline"),
-     "joint attention whose single-stream blocks put the text rows after the video rows and cut them off by "
-     "position from the end, and whose token refiner reworks the text every step"),
-    ("cogvideox",
-     ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
-      "CogVideoXFunControlPipeline", "ConsisIDPipeline"),
-     "joint attention in which every block runs one set of projections and one feed-forward over the text and "
-     "video rows, joined inside its attention processor"),
+    ("hunyuan-video-framepack", ("HunyuanVideoFramepackPipeline",),
+     "joint attention in a pipeline that runs one denoising loop per section of the video within a call, "
+     "each conditioned on the sections before it"),
+    ("consisid", ("ConsisIDPipeline",),
+     "CogVideoX's joint attention with a face extractor's cross-attention between its blocks"),
     ("mochi", ("MochiPipeline",),
      "joint attention whose processor attends to each sample's own unpadded text tokens, chosen by the prompt's "
      "mask inside the processor"),

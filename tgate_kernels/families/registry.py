@@ -66,6 +66,14 @@ class SingleStreamBlock:
     many as the dual-stream blocks before it in the same call had, and returns it joined.
     ``attention`` is the block's attention attribute and ``projections`` that attention's
     projections of the joint sequence (each a ``Linear`` whose rows follow the sequence's).
+
+    A block that cannot run without its text rows (it cuts its sequence by their count from the
+    end, or puts RoPE after them by their count: HunyuanVideo's, CogVideoX's) names in
+    ``row_modules`` its other modules that work row by row on the joint sequence (their dotted
+    paths in the block). After the gate it runs with its text rows in place, but each of those
+    modules and each projection computes the image rows alone; the text rows a projection gives
+    are the ones it gave at the gate, the others' zeros, which reach nothing but the block's text
+    output (replaced by the gate step's). Only the attention's text query rows are still computed.
     """
 
     block: str
@@ -75,6 +83,12 @@ class SingleStreamBlock:
     returns_text_first: bool = True
     attention: str = "attn"
     projections: tuple[str, ...] = ("to_q", "to_k", "to_v")
+    row_modules: tuple[str, ...] = ()
+
+    @property
+    def keeps_text_rows(self) -> bool:
+        """Whether the block runs after the gate with its text rows in place (see ``row_modules``)."""
+        return bool(self.row_modules)
 
 
 ORDINARY = Family("cross-attention")

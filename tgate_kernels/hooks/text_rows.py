@@ -55,6 +55,13 @@ class BlockRows:
         pieces = (text.to(image.dtype), image) if self.layout.text_first else (image, text.to(image.dtype))
         return torch.cat(pieces, dim=1)
 
+    def image_rows_through(self, fn_ref, args: tuple, kwargs: dict) -> torch.Tensor:
+        """A row-wise module's output on the image rows of its input (its first argument)."""
+        if args:
+            return fn_ref.original_forward(self.image_of(args[0], self.text_rows), *args[1:], **kwargs)
+        name, first = next(iter(kwargs.items()))
+        return fn_ref.original_forward(**{**kwargs, name: self.image_of(first, self.text_rows)})
+
 
 class ProjectionTap(TgateHook):
     """On an attention projection of a single-stream block: keeps its text rows at the gate, puts
@@ -68,13 +75,34 @@ class ProjectionTap(TgateHook):
         self.projection = projection
 
     def forward_in_generation(self, module, *args, **kwargs):
-        output = self.fn_ref.original_forward(*args, **kwargs)
         rows = self.rows
+        if rows.mode is RowsMode.INJECT:
+            if rows.layout.keeps_text_rows:
+                return rows.joined(rows.injected[self.projection], rows.image_rows_through(self.fn_ref, args, kwargs))
+            return rows.joined(rows.injected[self.projection], self.fn_ref.original_forward(*args, **kwargs))
+        output = self.fn_ref.original_forward(*args, **kwargs)
         if rows.mode is RowsMode.CAPTURE:
             rows.captured[self.projection] = rows.text_of(output, rows.text_rows)
-        elif rows.mode is RowsMode.INJECT:
-            return rows.joined(rows.injected[self.projection], output)
         return output
+
+
+class RowTap(TgateHook):
+    """On a module working row by row on the joint sequence of a block that keeps its text rows
+    after the gate: computes the image rows alone then; the text rows it gives are zeros, which
+    reach only the block's text output (the gate step's is returned instead)."""
+
+    name = "tgate_text_rows_row_module"
+
+    def __init__(self, state: GenerationState, rows: BlockRows) -> None:
+        super().__init__(state)
+        self.rows = rows
+
+    def forward_in_generation(self, module, *args, **kwargs):
+        rows = self.rows
+        if rows.mode is not RowsMode.INJECT:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        image = rows.image_rows_through(self.fn_ref, args, kwargs)
+        return rows.joined(image.new_zeros(image.shape[0], rows.text_rows, *image.shape[2:]), image)
 
 
 class AttentionTap(TgateHook):
@@ -118,7 +146,10 @@ class TextRowsHook(AttentionCacheHook):
         taps: list[tuple[torch.nn.Module, TgateHook]] = [
             (module, ProjectionTap(self.state, self.rows, name)) for name, module in self.projections.items()
         ]
-        taps.append((getattr(block, self.layout.attention), AttentionTap(self.state, self.rows)))
+        if self.layout.keeps_text_rows:
+            taps += [(block.get_submodule(path), RowTap(self.state, self.rows)) for path in self.layout.row_modules]
+        else:
+            taps.append((getattr(block, self.layout.attention), AttentionTap(self.state, self.rows)))
         return taps
 
     def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
@@ -190,7 +221,9 @@ class TextRowsHook(AttentionCacheHook):
         width = cached.shape[-1] - sum(self.widths)
         text_output, *projected = cached.split([width, *self.widths], dim=-1)
         bound = self._arguments(args, kwargs)
-        if self.layout.text_argument is None:
+        if self.layout.keeps_text_rows:
+            pass  # the block cuts its sequence by the text rows' count: the taps skip their work instead
+        elif self.layout.text_argument is None:
             joined = bound.arguments[self.layout.image_argument]
             bound.arguments[self.layout.image_argument] = joined[:, count:]
         else:
@@ -207,4 +240,5 @@ class TextRowsHook(AttentionCacheHook):
 
 _compat.diffusers_hook(ProjectionTap, stateful=False)
 _compat.diffusers_hook(AttentionTap, stateful=False)
+_compat.diffusers_hook(RowTap, stateful=False)
 _compat.diffusers_hook(TextRowsHook, stateful=True)
