@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tgate_kernels
+from tgate_kernels.families.registry import single_stream_layout
 from tgate_kernels.engine.guidance import MERGED, Mode
 from fixtures.families import FAMILIES, GATED, REFUSED
 
@@ -100,7 +101,14 @@ def test_the_gate_caches_the_mean_over_the_guidance_parts(name):
     pipe = tgate_kernels.enable(family.build(), gate_step=gate, kernels="off")
     cross = next(a for a in tgate_kernels.view(pipe).attentions if a.cross and a.denoiser == family.denoisers[0])
     outputs = []
-    cross.module.register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
+
+    def text_output(output):
+        # a single-stream block (all of CogVideoX's) returns its image and text outputs: the text is cached
+        if isinstance(output, tuple):
+            return output[0 if single_stream_layout(cross.module).returns_text_first else 1]
+        return output
+
+    cross.module.register_forward_hook(lambda module, args, output: outputs.append(text_output(output).detach().clone()))
     _run(pipe, family)
     layout = tgate_kernels.view(pipe).last_generation.layout
     if layout.mode is Mode.SEPARATE:

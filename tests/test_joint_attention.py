@@ -16,12 +16,13 @@ from fixtures.families import FAMILIES
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
 FLUX = FAMILIES["flux"]
-JOINT = ["sd3", "flux", "qwenimage", "chroma", "aura-flow"]
+JOINT = ["sd3", "flux", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video"]
 
 
 def _latents(pipe, steps=STEPS, family=SD3, **changes):
     with torch.no_grad():
-        return pipe(**{**family.call_kwargs(steps), **changes}).images
+        output = pipe(**{**family.call_kwargs(steps), **changes})
+    return output.frames if hasattr(output, "frames") else output.images
 
 
 def test_the_text_stream_of_every_dual_stream_block_is_hooked_and_the_joint_attention_is_not():
@@ -62,6 +63,11 @@ def test_after_the_gate_the_image_attends_to_the_text_keys_and_values_of_the_gat
 
 def _step_flops(pipe, step, family=SD3, **changes):
     """FLOPs of one denoising step (its transformer calls and the scheduler's update)."""
+    return _step_counter(pipe, step, family, **changes).get_total_flops()
+
+
+def _step_counter(pipe, step, family=SD3, **changes) -> FlopCounterMode:
+    """The FLOP counter of one denoising step, by module."""
     counter = FlopCounterMode(display=False)
 
     def around_step(pipe_, index, timestep, callback_kwargs):
@@ -73,7 +79,7 @@ def _step_flops(pipe, step, family=SD3, **changes):
 
     with torch.no_grad():
         pipe(**{**family.call_kwargs(STEPS), **changes}, callback_on_step_end=around_step)
-    return counter.get_total_flops()
+    return counter
 
 
 @pytest.mark.parametrize("name", JOINT)
@@ -101,12 +107,15 @@ def test_compile_gives_eager_t_gates_latents(name):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_inductor_with_freezing_gives_eager_t_gates_latents_through_single_stream_blocks():
+@pytest.mark.parametrize("name", ["flux", "hunyuan-video"])
+def test_inductor_with_freezing_gives_eager_t_gates_latents_through_single_stream_blocks(name):
+    """FLUX's single-stream blocks run on the image rows; HunyuanVideo's keep the text rows in place."""
+    family = FAMILIES[name]
     torch._dynamo.reset()
-    eager = _latents(tgate_kernels.enable(FLUX.build(), gate_step=GATE, kernels="off"), family=FLUX)
-    pipe = tgate_kernels.enable(FLUX.build(), gate_step=GATE, compile=True)
+    eager = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, kernels="off"), family=family)
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, compile=True)
     for _ in range(2):
-        torch.testing.assert_close(_latents(pipe, family=FLUX), eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_latents(pipe, family=family), eager, rtol=1e-4, atol=1e-5)
 
 
 def _rows_seen(pipe, family, **changes):
@@ -169,6 +178,58 @@ def test_a_single_stream_block_on_a_joined_sequence_keeps_the_gate_steps_text_ro
         assert outputs[call].shape[1] == rows
         torch.testing.assert_close(outputs[call][:, :text_rows], (negative[:, :text_rows] + prompt[:, :text_rows]) / 2, rtol=0, atol=1e-6)
         torch.testing.assert_close(keys[call][:, :text_rows], (negative_keys[:, :text_rows] + prompt_keys[:, :text_rows]) / 2, rtol=0, atol=1e-6)
+
+
+# blocks that cut their sequence by the text rows' count, so they keep their text rows after the gate
+KEEPS_TEXT_ROWS = {"cogvideox": "transformer_blocks.0", "hunyuan-video": "single_transformer_blocks.0"}
+
+
+@pytest.mark.parametrize("name", sorted(KEEPS_TEXT_ROWS))
+def test_a_block_cutting_its_sequence_by_the_text_rows_computes_its_image_rows_beside_the_gate_steps_text(name):
+    import inspect
+
+    from tgate_kernels.families.registry import single_stream_layout
+
+    family = FAMILIES[name]
+    path = KEEPS_TEXT_ROWS[name]
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    block = pipe.transformer.get_submodule(path)
+    layout = single_stream_layout(block)
+    assert layout is not None and layout.keeps_text_rows
+    signature = inspect.signature(block.forward)
+    keys, text_outputs, text_rows = [], [], []
+    block.register_forward_pre_hook(
+        lambda m, args, kwargs: text_rows.append(signature.bind(*args, **kwargs).arguments["encoder_hidden_states"].shape[1]),
+        with_kwargs=True,
+    )
+    getattr(block, layout.attention).to_k.register_forward_hook(lambda m, a, out: keys.append(out.detach().clone()))
+    block.register_forward_hook(lambda m, a, out: text_outputs.append(out[0 if layout.returns_text_first else 1].detach().clone()))
+    _latents(pipe, family=family)
+    count = text_rows[0]
+    text_of = (lambda rows: rows[:, :count]) if layout.text_first else (lambda rows: rows[:, -count:])
+    batched = tgate_kernels.view(pipe).last_generation.layout.mode.value == "batched"
+    before = GATE if batched else 2 * GATE
+    assert len(keys) == before + STEPS - GATE, "one call a step after the gate"
+    if batched:
+        (negative_keys, prompt_keys), (negative, prompt) = keys[before - 1].chunk(2), text_outputs[before - 1].chunk(2)
+    else:
+        negative_keys, prompt_keys = keys[before - 2: before]
+        negative, prompt = text_outputs[before - 2: before]
+    for call in range(before, len(keys)):
+        assert keys[call].shape[1] == keys[0].shape[1], "the block still sees its text rows"
+        torch.testing.assert_close(text_of(keys[call]), (text_of(negative_keys) + text_of(prompt_keys)) / 2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(text_outputs[call], (negative + prompt) / 2, rtol=0, atol=1e-6)
+        assert not torch.equal(keys[call], keys[call - 1]), "the image rows are computed"
+
+    # each row-wise module and projection works on the image rows alone after the gate: per
+    # image, its FLOPs shrink by the text rows' share
+    rows = keys[0].shape[1]
+    at_gate = _step_counter(family.build(), GATE, family).get_flop_counts()
+    after = _step_counter(tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0), GATE, family).get_flop_counts()
+    prefix = f"{type(pipe.transformer).__name__}.{path}."
+    for module in [*layout.row_modules, *(f"{layout.attention}.{p}" for p in layout.projections)]:
+        plain, gated = sum(at_gate[prefix + module].values()), sum(after[prefix + module].values())
+        assert gated * 2 * rows == plain * (rows - count), module
 
 
 def test_without_a_negative_prompt_the_single_stream_text_rows_are_the_gate_steps():
@@ -266,6 +327,31 @@ def _sd3_controlnet_components(**options):
 
 
 CHROMA = FAMILIES["chroma"]
+HUNYUAN_VIDEO = FAMILIES["hunyuan-video"]
+COGVIDEOX = FAMILIES["cogvideox"]
+
+
+def _hunyuan_video_image_components():
+    """The tiny HunyuanVideo's, its transformer reading the image latents beside the latents."""
+    components = HUNYUAN_VIDEO.build().components
+    config = {**components["transformer"].config, "in_channels": 8}
+    config.pop("_use_default_values", None)
+    torch.manual_seed(0)
+    components["transformer"] = type(components["transformer"]).from_config(config)
+    return components
+
+
+def _cogvideox_components(pipeline, in_channels=4):
+    from fixtures.families_video import tiny_cogvideox
+
+    return lambda: tiny_cogvideox(pipeline=pipeline, in_channels=in_channels, use_learned_positional_embeddings=False).components
+
+
+def _frames(count=8):
+    from PIL import Image
+
+    pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
+    return [Image.fromarray(pixels)] * count
 
 VARIANTS = {
     "ChromaImg2ImgPipeline": (CHROMA, lambda: CHROMA.build().components, dict(image=_image(), strength=0.9)),
@@ -286,6 +372,16 @@ VARIANTS = {
     # ... 16 of the masked image's and 16 of the mask's (a factor-2 VAE)
     "FluxFillPipeline": (FLUX, lambda: _flux_components(48), dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32))),
     "FluxControlNetPipeline": (FLUX, _flux_controlnet_components, dict(control_image=_image())),
+    "HunyuanSkyreelsImageToVideoPipeline": (HUNYUAN_VIDEO, _hunyuan_video_image_components, dict(image=_image()[..., :16, :16])),
+    "CogVideoXImageToVideoPipeline": (
+        COGVIDEOX, _cogvideox_components("CogVideoXImageToVideoPipeline", in_channels=8), dict(image=_frames(1)[0]),
+    ),
+    "CogVideoXVideoToVideoPipeline": (
+        COGVIDEOX, _cogvideox_components("CogVideoXVideoToVideoPipeline"), dict(video=_frames(), strength=0.9),
+    ),
+    "CogVideoXFunControlPipeline": (
+        COGVIDEOX, _cogvideox_components("CogVideoXFunControlPipeline", in_channels=8), dict(control_video=_frames()),
+    ),
 }
 
 
@@ -307,7 +403,8 @@ def test_every_variant_is_gated_and_disable_restores_it(variant):
 
     def run(pipe):
         with torch.no_grad():
-            return pipe(**{**call, "generator": torch.Generator().manual_seed(0)}).images
+            output = pipe(**{**call, "generator": torch.Generator().manual_seed(0)})
+        return output.frames if hasattr(output, "frames") else output.images
 
     plain = run(build())
     pipe = tgate_kernels.enable(build(), gate_step=steps, sp_interval=1, warm_up=0)
@@ -334,7 +431,7 @@ def test_joint_attention_families_not_done_are_refused_by_name_with_the_reason(p
     base = type(pipeline, (), {"progress_bar": lambda self, **kwargs: None})
     pipe = type(f"My{pipeline}", (base,), {})()
     pipe.transformer = SD3.build().transformer
-    with pytest.raises(ValueError, match=f"My{pipeline}: joint attention .*; T-GATE does not freeze"):
+    with pytest.raises(ValueError, match=f"My{pipeline}: joint attention .*T-GATE (does not|gates one|has not)"):
         tgate_kernels.enable(pipe)
     assert "_diffusers_hook" not in pipe.transformer.__dict__
 

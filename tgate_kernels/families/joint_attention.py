@@ -57,10 +57,6 @@ register(Family("aura-flow", pipelines=("AuraFlowPipeline",), conditioning=Condi
 register_single_stream(SingleStreamBlock(
     "HunyuanVideoSingleTransformerBlock", text_first=False, returns_text_first=False, row_modules=("proj_mlp", "proj_out"),
 ))
-register_single_stream(SingleStreamBlock(
-    "HunyuanVideoTokenReplaceSingleTransformerBlock", text_first=False, returns_text_first=False,
-    row_modules=("proj_mlp", "proj_out"),
-))
 # every CogVideoX block is single-stream: one set of projections and one feed-forward over the
 # text rows and the video rows, joined inside its attention processor (RoPE after the text rows)
 register_single_stream(SingleStreamBlock(
@@ -69,7 +65,7 @@ register_single_stream(SingleStreamBlock(
 
 register(Family(
     "hunyuan-video",
-    pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline"),
+    pipelines=("HunyuanVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline"),
     conditioning=Conditioning.JOINT_ATTENTION,
 ))
 
@@ -97,11 +93,15 @@ register(Family(
 # `enable`, each with what stands in the way.
 _NOT_YET = "T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
 for _name, _pipelines, _why in (
+    ("hunyuan-video-i2v", ("HunyuanVideoImageToVideoPipeline",),
+     "joint attention as HunyuanVideo's, its text stream given the image's tokens by a Llava encoder and its "
+     "blocks modulating the first frame's tokens apart (token replace), which T-GATE has not been checked on"),
     ("hunyuan-video-framepack", ("HunyuanVideoFramepackPipeline",),
-     "joint attention in a pipeline that runs one denoising loop per section of the video within a call, "
-     "each conditioned on the sections before it"),
+     "joint attention as HunyuanVideo's, in a pipeline that runs one denoising loop per section of the video "
+     "within a call, each conditioned on the sections before it; T-GATE gates one denoising loop a call"),
     ("consisid", ("ConsisIDPipeline",),
-     "CogVideoX's joint attention with a face extractor's cross-attention between its blocks"),
+     "joint attention as CogVideoX's, with a face extractor's cross-attention between its blocks, which T-GATE "
+     "does not know how to gate"),
     ("mochi", ("MochiPipeline",),
      "joint attention whose processor attends to each sample's own unpadded text tokens, chosen by the prompt's "
      "mask inside the processor"),
@@ -118,4 +118,5 @@ for _name, _pipelines, _why in (
      "joint attention whose single-stream blocks take the text and image rows joined, split only by a "
      "`text_seq_len` argument"),
 ):
-    register(Family(_name, pipelines=_pipelines, conditioning=Conditioning.JOINT_ATTENTION, refused=f"{_why}; {_NOT_YET}"))
+    _reason = _why if "T-GATE" in _why else f"{_why}; {_NOT_YET}"
+    register(Family(_name, pipelines=_pipelines, conditioning=Conditioning.JOINT_ATTENTION, refused=_reason))
