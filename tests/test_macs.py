@@ -42,7 +42,7 @@ def test_attention_macs_by_hand_and_the_score_convention():
     assert counted.total - counted.without_attention_scores == scores
 
 
-@pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-hunyuan-video", "tiny-cogvideox"])
 def test_engine_savings_equal_the_schedule(name):
     arch = tiny_architecture(name)
     settings = arch.tgate_config()

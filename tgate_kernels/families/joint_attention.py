@@ -6,7 +6,9 @@ q/k/v and output projections, the block's text feed-forward) gives the output it
 gate step (the mean over the prompt and negative-prompt parts) without running, so the image
 tokens attend to the gate step's text keys and values. A single-stream block (registered by its
 class, :class:`~.registry.SingleStreamBlock`) runs on its image rows alone, its attention given
-the text rows its projections gave at the gate (:mod:`tgate_kernels.hooks.text_rows`).
+the text rows its projections gave at the gate (:mod:`tgate_kernels.hooks.text_rows`); one that
+cuts its sequence by the text rows' count keeps them, its row-wise layers computing the image
+rows alone.
 Classifier-free guidance is dropped as for cross-attention pipelines, batched or as separate
 calls (true CFG).
 

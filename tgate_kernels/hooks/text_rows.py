@@ -2,11 +2,17 @@
 
 A single-stream block (FLUX's second half, Chroma's, AuraFlow's DiT blocks) runs one set of
 layers over the text and image rows of one sequence, given to it apart (FLUX) or joined, text
-first, their count the text rows of the dual-stream blocks before it (Chroma, AuraFlow). After the gate its text rows are frozen, as a dual-stream block's text stream
-is: the block runs on the image rows alone (its norms, projections, feed-forward and output
-projection see no text row), its attention projections get the text rows they gave at the gate
-put back beside the image rows, so the image attends to the gate step's text keys and values
-with the positions (RoPE) they had, and the block's text output is the one it gave at the gate.
+first, their count the text rows of the dual-stream blocks before it (Chroma, AuraFlow). After
+the gate its text rows are frozen, as a dual-stream block's text stream is: the block runs on the
+image rows alone (its norms, projections, feed-forward and output projection see no text row),
+its attention projections get the text rows they gave at the gate put back beside the image
+rows, so the image attends to the gate step's text keys and values with the positions (RoPE)
+they had, and the block's text output is the one it gave at the gate.
+
+A block that cuts its sequence by the text rows' count (HunyuanVideo's single-stream blocks,
+CogVideoX's) cannot run without them: it gets them as before, and taps on its row-wise modules
+(:attr:`~tgate_kernels.families.registry.SingleStreamBlock.row_modules`) and projections compute
+the image rows alone, giving zeros or the gate step's rows for the text ones.
 
 What is cached is one tensor a block: the block's text output and its projections' text rows,
 side by side along the features (every piece has the batch and the text rows as its first two

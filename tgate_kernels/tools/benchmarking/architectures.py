@@ -94,7 +94,10 @@ class Architecture:
         config = self.denoiser_config
         if self.is_unet:
             return int(config["cross_attention_dim"])
-        return int(config.get("caption_channels") or config.get("text_dim") or config["joint_attention_dim"])
+        return int(
+            config.get("caption_channels") or config.get("text_dim") or config.get("text_embed_dim")
+            or config["joint_attention_dim"]
+        )
 
     @property
     def pooled_text_dim(self) -> int | None:

@@ -71,6 +71,18 @@ def denoiser_inputs(
             # what LTXPipeline passes at its default 25 frames per second
             "rope_interpolation_scale": (temporal / 25, spatial, spatial),
         }
+    if arch.denoiser_class == "HunyuanVideoTransformer3DModel":
+        sample = torch.zeros(batch, channels, arch.latent_frames, height, width, **make)
+        kwargs = {
+            "encoder_hidden_states": text,
+            "encoder_attention_mask": mask,
+            "pooled_projections": torch.zeros(batch, int(arch.denoiser_config["pooled_projection_dim"]), **make),
+        }
+        if arch.denoiser_config.get("guidance_embeds"):
+            kwargs["guidance"] = torch.full((batch,), 6000.0, **make)  # the pipeline's default 6.0, times 1000
+        return (sample, timestep), kwargs
+    if arch.denoiser_class == "CogVideoXTransformer3DModel":
+        return _cogvideox_inputs(arch, batch, height, width, text, make, timestep)
     if arch.denoiser_class in ("FluxTransformer2DModel", "QwenImageTransformer2DModel"):
         return _packed_latent_inputs(arch, batch, height, width, text, make, timestep)
     sample = torch.zeros(batch, channels, height, width, **make)
@@ -83,6 +95,20 @@ def denoiser_inputs(
         if arch.uses_additional_conditions:
             conditions = {"resolution": torch.zeros(batch, 2, **make), "aspect_ratio": torch.zeros(batch, 1, **make)}
         kwargs["added_cond_kwargs"] = conditions
+    return (sample,), kwargs
+
+
+def _cogvideox_inputs(arch: Architecture, batch: int, height: int, width: int, text, make, timestep):
+    """CogVideoX's call: latents frames first; with RoPE, the (cos, sin) tables the pipeline
+    computes for the video tokens (their values do not change the cost)."""
+    config = arch.denoiser_config
+    sample = torch.zeros(batch, arch.latent_frames, arch.latent_channels, height, width, **make)
+    kwargs: dict[str, Any] = {"encoder_hidden_states": text, "timestep": timestep}
+    if config.get("use_rotary_positional_embeddings"):
+        patch = int(config["patch_size"])
+        tokens = arch.latent_frames * (height // patch) * (width // patch)
+        table = torch.zeros(tokens, int(config["attention_head_dim"]), **make)
+        kwargs["image_rotary_emb"] = (table, table)
     return (sample,), kwargs
 
 
