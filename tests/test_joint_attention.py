@@ -16,7 +16,7 @@ from fixtures.families import FAMILIES
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
 FLUX = FAMILIES["flux"]
-JOINT = ["sd3", "flux", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video"]
+JOINT = ["sd3", "flux", "flux2-klein", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video"]
 
 
 def _latents(pipe, steps=STEPS, family=SD3, **changes):
@@ -149,18 +149,22 @@ def test_a_single_stream_block_runs_on_its_image_rows_beside_the_gate_steps_text
         assert torch.equal(text_outputs[call], (gate_text[0] + gate_text[1]) / 2)
 
 
-@pytest.mark.parametrize("name", ["chroma", "aura-flow"])
+@pytest.mark.parametrize("name", ["chroma", "aura-flow", "flux2-klein"])
 def test_a_single_stream_block_on_a_joined_sequence_keeps_the_gate_steps_text_rows(name):
-    """Chroma's and AuraFlow's single-stream blocks take the text and image rows joined: after the
-    gate they get the image rows alone, and give back the gate step's text rows before them."""
+    """Chroma's, AuraFlow's and FLUX.2's single-stream blocks take the text and image rows joined:
+    after the gate they get the image rows alone, and give back the gate step's text rows before them."""
+    from tgate_kernels.families.registry import single_stream_layout
+
     family = FAMILIES[name]
     pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
     block = pipe.transformer.single_transformer_blocks[0]
+    # the rows the block's layers run on, and the text rows the attention gets: its last
+    # projection's input and output (FLUX.2's one fused projection of q, k, v and the MLP input)
+    projection = getattr(block.attn, single_stream_layout(block).projections[-1])
     inputs, keys, outputs = [], [], []
-    # the rows the block's layers run on: its value projection's input
-    block.attn.to_v.register_forward_hook(lambda m, args, out: inputs.append(args[0].shape[1]))
+    projection.register_forward_hook(lambda m, args, out: inputs.append(args[0].shape[1]))
     block.register_forward_hook(lambda m, args, out: outputs.append(out.detach().clone()))
-    block.attn.to_k.register_forward_hook(lambda m, args, out: keys.append(out.detach().clone()))
+    projection.register_forward_hook(lambda m, args, out: keys.append(out.detach().clone()))
     _latents(pipe, family=family)
     rows = outputs[0].shape[1]
     text_rows = rows - inputs[-1]
@@ -372,6 +376,10 @@ VARIANTS = {
     # ... 16 of the masked image's and 16 of the mask's (a factor-2 VAE)
     "FluxFillPipeline": (FLUX, lambda: _flux_components(48), dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32))),
     "FluxControlNetPipeline": (FLUX, _flux_controlnet_components, dict(control_image=_image())),
+    "Flux2KleinInpaintPipeline": (
+        FAMILIES["flux2-klein"], lambda: FAMILIES["flux2-klein"].build().components,
+        dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9),
+    ),
     "HunyuanSkyreelsImageToVideoPipeline": (HUNYUAN_VIDEO, _hunyuan_video_image_components, dict(image=_image()[..., :16, :16])),
     "CogVideoXImageToVideoPipeline": (
         COGVIDEOX, _cogvideox_components("CogVideoXImageToVideoPipeline", in_channels=8), dict(image=_frames(1)[0]),

@@ -54,6 +54,16 @@ register(Family(
 
 register(Family("aura-flow", pipelines=("AuraFlowPipeline",), conditioning=Conditioning.JOINT_ATTENTION))
 
+# FLUX.2's single-stream blocks take one joined sequence, text rows first, through one fused
+# projection of the queries, keys, values and feed-forward input
+register_single_stream(SingleStreamBlock("Flux2SingleTransformerBlock", text_argument=None, projections=("to_qkv_mlp_proj",)))
+
+register(Family(
+    "flux2",
+    pipelines=("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
+    conditioning=Conditioning.JOINT_ATTENTION,
+))
+
 # blocks that cut their sequence by the text rows' count: they keep their text rows after the
 # gate, their row-wise modules computing the image rows alone
 register_single_stream(SingleStreamBlock(
@@ -116,9 +126,9 @@ for _name, _pipelines, _why in (
     ("stable-diffusion-3-pag", ("StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline"),
      "joint attention whose PAG processor runs the text stream's projections once for the guided parts and "
      "once for the perturbed part of each batch"),
-    ("flux2", ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline"),
-     "joint attention whose single-stream blocks take the text and image rows joined, split only by a "
-     "`text_seq_len` argument"),
+    ("flux2-kv", ("Flux2KleinKVPipeline",),
+     "joint attention whose pipeline keeps its own cache of the reference images' keys and values across steps, "
+     "passed to every block; T-GATE does not know how to gate beside it"),
 ):
     _reason = _why if "T-GATE" in _why else f"{_why}; {_NOT_YET}"
     register(Family(_name, pipelines=_pipelines, conditioning=Conditioning.JOINT_ATTENTION, refused=_reason))
