@@ -5,6 +5,7 @@ verdict, and bad options refused."""
 import json
 
 import pytest
+import torch
 
 from tgate_kernels.tools import cli
 from tgate_kernels.tools.micro import quality
@@ -23,7 +24,7 @@ def sd_rows():
 def test_every_variant_is_measured_against_the_ungated_images(sd_rows):
     by_variant = {row.variant: row for row in sd_rows}
     assert list(by_variant) == ["ungated", "ungated, other seeds", "gate 4", "gate 8", "gate 4 + DeepCache",
-                                "gate 8 + DeepCache", "auto"]
+                                "gate 8 + DeepCache", "auto", "CFG truncated at 4", "CFG truncated at 8"]
     ungated = by_variant["ungated"]
     assert (ungated.macs_ratio, ungated.ssim, ungated.fid, ungated.psnr) == (1.0, 1.0, 0.0, None)
     assert all(row.images == len(SMALL.prompts) for row in sd_rows)
@@ -31,6 +32,13 @@ def test_every_variant_is_measured_against_the_ungated_images(sd_rows):
     assert by_variant["gate 4"].macs_ratio < by_variant["gate 8"].macs_ratio < 1.0
     assert by_variant["gate 4 + DeepCache"].macs_ratio < by_variant["gate 4"].macs_ratio
     assert by_variant["ungated, other seeds"].macs_ratio == 1.0
+    # CFG truncation at gate g of 20 steps: g guided steps, then unguided ones at half the rows;
+    # T-GATE at the same gate skips cross-attention and some self-attention on top
+    for gate in (4, 8):
+        truncated = by_variant[f"CFG truncated at {gate}"]
+        assert truncated.macs_ratio == pytest.approx((2 * gate + 20 - gate) / 40, rel=1e-9)
+        assert by_variant[f"gate {gate}"].macs_ratio < truncated.macs_ratio
+        assert truncated.psnr > by_variant["ungated, other seeds"].psnr
     # a gated image stays much closer to its ungated image than an image from other seeds does
     assert by_variant["gate 8"].psnr > by_variant["ungated, other seeds"].psnr + 10
     assert by_variant["gate 8"].ssim > by_variant["ungated, other seeds"].ssim
@@ -60,6 +68,31 @@ def test_the_pareto_verdict_names_the_fixed_gates_that_beat_auto(sd_rows):
     assert "gate 8 + DeepCache" in text and "MACs ratio" in text
 
 
+def test_cfg_truncation_gives_what_diffusers_cfg_cutoff_gives_for_one_prompt():
+    """diffusers' own cut-off callback is right for one prompt (it keeps one row of embeddings):
+    from the same step on, the truncation's denoiser wrapper gives the same images."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+    from fixtures.tiny_pipelines import tiny_sd
+
+    from tgate_kernels.tools.micro.cfg_truncation import CFGTruncation
+
+    steps, gate = 6, 2
+    call = dict(prompt="a red square", num_inference_steps=steps, guidance_scale=5.0, output_type="latent", height=32, width=32)
+    pipe = tiny_sd()
+    with torch.no_grad():
+        expected = pipe(**call, generator=torch.Generator().manual_seed(0),
+                        callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=gate - 1),
+                        callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+        pipe = tiny_sd()
+        with CFGTruncation(pipe.unet, gate) as truncation:
+            truncation.new_generation()
+            truncated = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        plain = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(truncated, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(truncated, plain), "guidance was dropped"
+    assert "forward" not in pipe.unet.__dict__, "the denoiser is given back as it was"
+
+
 def test_auto_overhead_is_a_small_part_of_the_generation():
     overhead = quality.measure_auto_overhead("pixart", SMALL, generations=1)
     assert overhead.chooser_seconds > 0.0
@@ -73,7 +106,8 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pixart" in printed and "auto" in printed
     data = json.loads((out / "quality.json").read_text())
-    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "auto"]
+    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "auto", "CFG truncated at 8"]
+    assert "CFG truncated at 8" in printed
     assert data["auto_overhead"][0]["model"] == "pixart"
     assert (out / "quality.png").stat().st_size > 0 and (out / "quality.md").read_text().count("pixart") >= 4
 

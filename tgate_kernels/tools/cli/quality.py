@@ -14,7 +14,7 @@ def add_parser(commands) -> None:
         "quality",
         help="image quality of T-GATE on the micro world's trained pipelines: adherence, PSNR, SSIM, FID, MACs",
         description="Generate the micro world's evaluation prompts with the shipped micro pipelines without T-GATE and "
-                    "with fixed gates, fixed gates with DeepCache and gate_step=auto, and report prompt adherence (read "
+                    "with fixed gates, fixed gates with DeepCache, gate_step=auto and CFG truncation at the same gates, and report prompt adherence (read "
                     "back by the micro classifier), PSNR and SSIM against the ungated images, FID on the classifier's "
                     "features and the MACs ratio, with a Pareto plot. Nothing is downloaded.",
         formatter_class=arguments.HelpFormatter,
@@ -26,6 +26,8 @@ def add_parser(commands) -> None:
     quality.add_argument("--seed", type=arguments.non_negative_int, default=0)
     quality.add_argument("--auto-gate", type=arguments.auto_gate, default=None, metavar="KEY=VALUE,...", help="auto_gate options")
     quality.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="skip the DeepCache series")
+    quality.add_argument("--no-cfg-truncation", dest="cfg_truncation", action="store_false",
+                         help="skip the CFG-truncation series (guidance dropped at each gate, nothing cached)")
     quality.add_argument("--no-plot", dest="plot", action="store_false")
     quality.add_argument("--out", default=os.path.join("bench", "out", "quality"), help="folder for quality.json, quality.md, quality.png")
     quality.set_defaults(handler=run)
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not all(0 < gate < steps for gate in gates):
         parser.error(f"argument --gates: {','.join(map(str, gates))} must each be between 1 and {steps - 1} (the micro pipelines run {steps} steps)")
     settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
-                               seed=args.seed, deepcache=args.deepcache, auto_gate=args.auto_gate)
+                               seed=args.seed, deepcache=args.deepcache, cfg_truncation=args.cfg_truncation,
+                               auto_gate=args.auto_gate)
     rows, overheads = [], []
     for name in args.models:
         rows += measure_quality(name, settings, progress=lambda message: print(message, file=sys.stderr, flush=True))

@@ -14,6 +14,9 @@ each variant: fixed gate steps, fixed gates with DeepCache (UNet pipelines), and
 - the MACs ratio: the denoiser's multiply-accumulates over all its images, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` while they are generated, over the ungated count.
 
+Beside T-GATE, CFG truncation (guidance dropped at the same steps, nothing cached:
+:mod:`.cfg_truncation`) is measured the same way: what T-GATE has to beat at equal MACs.
+
 Attention runs through PyTorch's math backend while counting, so the attention scores are
 counted too (the CPU's fused attention kernel has no FLOP formula); every variant, the ungated one
 included, runs the same way, so the comparisons are like for like.
@@ -40,6 +43,7 @@ from ... import api
 from ...config import AutoGate, TgateConfig
 from ...engine.autogate import GateChooser
 from ..benchmarking.fidelity import fidelity
+from .cfg_truncation import CFGTruncation
 from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline
 from .world import EVAL_PROMPTS
 
@@ -53,9 +57,10 @@ OTHER_SEEDS_OFFSET = 1_000_003
 class QualityRow:
     model: str
     variant: str
-    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N + DeepCache`` or ``auto``."""
+    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N + DeepCache``, ``auto`` or
+    ``CFG truncated at N``."""
     kind: str
-    """``ungated``, ``floor``, ``fixed``, ``deepcache`` or ``auto``."""
+    """``ungated``, ``floor``, ``fixed``, ``deepcache``, ``auto`` or ``cfg-truncation``."""
     gate_step: float | None
     """The fixed gate, or the mean of the gates ``auto`` chose (``None`` ungated)."""
     adherence: float
@@ -93,6 +98,7 @@ class QualitySettings:
     batch_size: int = 8
     seed: int = 0
     deepcache: bool = True
+    cfg_truncation: bool = True
     auto_gate: AutoGate | None = None
     prompts: tuple[str, ...] = EVAL_PROMPTS
 
@@ -120,7 +126,7 @@ def _denoiser(pipe) -> torch.nn.Module:
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
-def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], batch_size: int) -> _Generated:
+def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], batch_size: int, before_call=None) -> _Generated:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -129,6 +135,8 @@ def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], bat
     for start in range(0, len(prompts), batch_size):
         batch = slice(start, start + batch_size)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[batch]]
+        if before_call is not None:
+            before_call()
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             images.append(pipe(list(prompts[batch]), generator=generators, output_type="np", **MICRO_CALL[name]).images)
         macs += sum(counter.get_flop_counts().get(denoiser, {}).values()) // 2
@@ -158,12 +166,15 @@ def _fid(features: ClassifierFeatures, reference: np.ndarray, images: np.ndarray
     return float(metric.compute())
 
 
-def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, TgateConfig]]:
-    variants = [(f"gate {gate}", "fixed", TgateConfig(gate_step=gate)) for gate in settings.gates if gate < steps]
+def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, TgateConfig | int]]:
+    """(name, kind, what runs it): a T-GATE configuration, or the step CFG truncation starts at."""
+    gates = [gate for gate in settings.gates if gate < steps]
+    variants: list[tuple[str, str, TgateConfig | int]] = [(f"gate {gate}", "fixed", TgateConfig(gate_step=gate)) for gate in gates]
     if settings.deepcache and unet:
-        variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True))
-                     for gate in settings.gates if gate < steps]
+        variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True)) for gate in gates]
     variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate)))
+    if settings.cfg_truncation:
+        variants += [(f"CFG truncated at {gate}", "cfg-truncation", gate) for gate in gates]
     return variants
 
 
@@ -195,6 +206,12 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
     rows.append(row("ungated, other seeds", "floor", None, other))
     for variant, kind, config in _variants(settings, steps, getattr(pipe, "unet", None) is not None):
         say(f"{name}: {variant}")
+        if kind == "cfg-truncation":
+            # the gate's step counted as T-GATE counts it: the steps after `gate` run unguided
+            with CFGTruncation(_denoiser(pipe), config) as truncation:
+                generated = _generate(pipe, name, prompts, seeds, settings.batch_size, truncation.new_generation)
+            rows.append(row(variant, kind, config, generated))
+            continue
         api.enable(pipe, config=config)
         try:
             generated = _generate(pipe, name, prompts, seeds, settings.batch_size)

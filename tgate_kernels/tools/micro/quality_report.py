@@ -14,6 +14,7 @@ from .quality import AutoOverhead, QualityRow, QualitySettings, as_json, dominat
 _KIND_STYLE = {
     "fixed": dict(marker="o", linestyle="-", color="tab:blue", label="fixed gate"),
     "deepcache": dict(marker="s", linestyle="--", color="tab:green", label="fixed gate + DeepCache"),
+    "cfg-truncation": dict(marker="^", linestyle=":", color="tab:orange", label="CFG truncation (nothing cached)"),
 }
 
 _PLOTTED = (
@@ -62,6 +63,26 @@ def pareto_verdicts(rows: Sequence[QualityRow]) -> list[str]:
     return lines
 
 
+def truncation_verdicts(rows: Sequence[QualityRow]) -> list[str]:
+    """For each CFG-truncation point: does a fixed T-GATE gate at no more MACs read the prompts
+    at least as well, and stay at least as close to the ungated images (FID)?"""
+    lines = []
+    for truncated in (row for row in rows if row.kind == "cfg-truncation"):
+        cheaper = [row for row in rows if row.model == truncated.model and row.kind == "fixed" and row.macs_ratio <= truncated.macs_ratio]
+        beating = [row for row in cheaper if row.adherence >= truncated.adherence and row.fid <= truncated.fid]
+        head = (f"- {truncated.model}: {truncated.variant} ({100 * truncated.adherence:.1f}%, FID {truncated.fid:.2f}, "
+                f"MACs {truncated.macs_ratio:.3f}): ")
+        if beating:
+            best = min(beating, key=lambda row: row.fid)
+            lines.append(head + f"T-GATE {best.variant} is as good or better at fewer MACs "
+                                f"({100 * best.adherence:.1f}%, FID {best.fid:.2f}, MACs {best.macs_ratio:.3f}).")
+        elif cheaper:
+            lines.append(head + "no T-GATE gate at its MACs or fewer matches it on both adherence and FID.")
+        else:
+            lines.append(head + "no T-GATE gate runs at its MACs or fewer.")
+    return lines
+
+
 def overhead_lines(overheads: Sequence[AutoOverhead]) -> list[str]:
     return [
         f"- {o.model}: {1000 * o.chooser_seconds:.1f} ms of {o.generation_seconds:.2f} s choosing the gate "
@@ -79,6 +100,7 @@ def render(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settin
         quality_table(rows),
         "",
         *pareto_verdicts(rows),
+        *truncation_verdicts(rows),
         *overhead_lines(overheads),
     ]
     return "\n".join(lines) + "\n"
