@@ -7,6 +7,7 @@
     tgate-kernels compare  --model ID_OR_DIR --prompt "..." --gate-steps 5,10,15 --out grid.png
     tgate-kernels quality                        # adherence, PSNR, SSIM, FID, MACs on the micro world
     tgate-kernels train-micro --out DIR          # retrain the micro world's pipelines and classifier
+    tgate-kernels serve --model micro-sd         # POST /v1/images/generations, step-batched, on Ray Serve
 
 One module per command, each with ``add_parser(commands)`` and ``run(args, parser)``. ``bench``
 builds its denoisers from the configs shipped in the package (random weights, nothing
@@ -20,9 +21,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import bench, compare, evaluate, generate, quality, train_micro
+from . import bench, compare, evaluate, generate, quality, serve, train_micro
 
-_COMMANDS = (bench, generate, compare, evaluate, quality, train_micro)
+_COMMANDS = (bench, generate, compare, evaluate, quality, serve, train_micro)
 
 _OPTIONAL = {
     "skimage": ("scikit-image", "pip install 'tgate_kernels[bench]'"),
@@ -30,6 +31,8 @@ _OPTIONAL = {
     "matplotlib": ("matplotlib", "pip install 'tgate_kernels[bench]'"),
     "DeepCache": ("DeepCache", "pip install 'tgate_kernels[deepcache]'"),
     "torch_fidelity": ("torch-fidelity", "pip install torch-fidelity"),
+    "ray": ("Ray Serve", "pip install 'tgate_kernels[serve]'"),
+    "fastapi": ("FastAPI", "pip install 'tgate_kernels[serve]'"),
 }
 """Optional packages some commands need, by import name, and how to install them."""
 

@@ -65,6 +65,16 @@ def gate_step(text: str) -> int | float | str:
     return value
 
 
+def gate_step_or_none(text: str) -> int | float | None:
+    """A fixed gate (a step or a fraction of the steps), or ``none`` for no T-GATE."""
+    if text.strip().lower() == "none":
+        return None
+    value = gate_step(text)
+    if value == "auto":
+        raise argparse.ArgumentTypeError("auto is not allowed here; expected an int step >= 0, a fraction in (0, 1) or none")
+    return value
+
+
 def resolution_list(text: str) -> list[int]:
     if text.strip().lower() == "none":
         return []
