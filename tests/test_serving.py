@@ -208,3 +208,30 @@ def test_pipelines_the_batcher_does_not_run_are_refused_before_anything_changes(
     with pytest.raises(ValueError, match="fixed gates only"):
         StepBatcher(plain, config=tgate_kernels.TgateConfig(gate_step="auto"))
     assert not any("forward" in module.__dict__ for module in plain.unet.modules())
+
+
+def test_poisson_arrivals_are_reproducible_at_the_asked_rate():
+    from tgate_kernels.tools.benchmarking.serving_load import poisson_arrivals
+
+    arrivals = poisson_arrivals(2.0, 4000, seed=3)
+    assert arrivals == poisson_arrivals(2.0, 4000, seed=3) and arrivals[0] == 0.0
+    gaps = np.diff(arrivals)
+    assert (gaps > 0).all() and abs(gaps.mean() - 0.5) < 0.03
+
+
+def test_load_test_command_serves_every_mode_and_writes_its_table(tmp_path, capsys):
+    from tgate_kernels.tools import cli
+
+    out = tmp_path / "serving"
+    assert cli.main(["load-test", "--rates", "4", "--requests", "2", "--steps", "2", "--gate-step", "1",
+                     "--latent-size", "8", "--wait", "0.1", "--no-plot", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = __import__("json").loads((out / "serving.json").read_text())
+    modes = [row["mode"] for row in data["results"]]
+    assert modes == ["one at a time", "request batching", "step batching", "step batching + T-GATE"]
+    assert all(row["requests"] == 2 and row["images_per_second"] > 0 and row["p95_seconds"] >= row["p50_seconds"] > 0
+               for row in data["results"])
+    assert "step batching + T-GATE" in printed and (out / "serving.md").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["load-test", "--rates", "0", "--out", str(tmp_path / "never")])
+    assert "--rates" in capsys.readouterr().err and not (tmp_path / "never").exists()

@@ -8,6 +8,7 @@
     tgate-kernels quality                        # adherence, PSNR, SSIM, FID, MACs on the micro world
     tgate-kernels train-micro --out DIR          # retrain the micro world's pipelines and classifier
     tgate-kernels serve --model micro-sd         # POST /v1/images/generations, step-batched, on Ray Serve
+    tgate-kernels load-test                      # images/s, p50/p95 latency: request vs step batching
 
 One module per command, each with ``add_parser(commands)`` and ``run(args, parser)``. ``bench``
 builds its denoisers from the configs shipped in the package (random weights, nothing
@@ -21,9 +22,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import bench, compare, evaluate, generate, quality, serve, train_micro
+from . import bench, compare, evaluate, generate, load_test, quality, serve, train_micro
 
-_COMMANDS = (bench, generate, compare, evaluate, quality, serve, train_micro)
+_COMMANDS = (bench, generate, compare, evaluate, quality, serve, load_test, train_micro)
 
 _OPTIONAL = {
     "skimage": ("scikit-image", "pip install 'tgate_kernels[bench]'"),

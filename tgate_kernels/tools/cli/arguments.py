@@ -75,6 +75,22 @@ def gate_step_or_none(text: str) -> int | float | None:
     return value
 
 
+def positive_float_list(text: str) -> list[float]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number; expected comma-separated numbers > 0, e.g. 0.1,0.2") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{item} is not allowed; expected comma-separated numbers > 0, e.g. 0.1,0.2")
+        values.append(value)
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; expected comma-separated numbers > 0, e.g. 0.1,0.2")
+    return values
+
+
 def resolution_list(text: str) -> list[int]:
     if text.strip().lower() == "none":
         return []
