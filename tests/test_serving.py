@@ -2,7 +2,8 @@
 its own plan, and each gets what ``pipe(...)`` with ``enable(pipe, its settings)`` gives it alone.
 
 Tolerance of batched against alone: rows run in a batch of another size than alone, so float
-sums may be reordered; latents agree to 1e-4 (relative and absolute), images to 1e-4."""
+sums may be reordered, and the differences grow a little over the steps; latents agree to 5e-4
+absolute and 1e-4 relative (the latents are of order 1 to 30), images in [0, 1] to the same."""
 
 import asyncio
 import concurrent.futures
@@ -15,31 +16,46 @@ import torch
 
 import tgate_kernels
 from tgate_kernels.serving import BatcherClosed, ImageRequest, Overloaded, StepBatcher
-from fixtures.tiny_pipelines import tiny_pixart_alpha, tiny_sd
+from fixtures.families_image import tiny_sana
+from fixtures.tiny_pipelines import tiny_pixart_alpha, tiny_pixart_sigma, tiny_sd, tiny_sdxl
 
 SIZE = 32
 SETTINGS = dict(sp_interval=2, warm_up=1)
-TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+TOLERANCE = dict(rtol=1e-4, atol=5e-4)
 
 
-def _alone(request: ImageRequest, pipe=None):
+# the pipelines the batcher serves, and what their ordinary call takes beside the request's fields
+SERVED = {
+    "sd": (tiny_sd, dict(height=SIZE, width=SIZE)),
+    "sdxl": (tiny_sdxl, dict(height=SIZE, width=SIZE)),
+    "pixart-alpha": (tiny_pixart_alpha, dict(height=SIZE, width=SIZE, use_resolution_binning=False)),
+    "pixart-sigma": (tiny_pixart_sigma, dict(height=SIZE, width=SIZE, use_resolution_binning=False)),
+}
+
+
+def _alone(request: ImageRequest, pipe=None, family: str = "sd"):
     """What the ordinary pipeline call gives ``request`` alone, T-GATE enabled at its settings."""
-    pipe = pipe or tiny_sd()
+    build, call = SERVED[family]
+    pipe = pipe or build()
+    negative = request.negative_prompt
+    if negative is None and family.startswith("pixart"):
+        negative = ""  # PixArt's call takes "" where no negative prompt is given
     if request.gate_step is not None:
         tgate_kernels.enable(pipe, gate_step=request.gate_step, **SETTINGS)
     try:
         with torch.no_grad():
             return pipe(
-                request.prompt, negative_prompt=request.negative_prompt, num_inference_steps=request.num_inference_steps,
+                request.prompt, negative_prompt=negative, num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.guidance_scale, generator=torch.Generator().manual_seed(request.seed),
-                output_type=request.output_type, height=SIZE, width=SIZE,
+                output_type=request.output_type, **call,
             ).images
     finally:
         tgate_kernels.disable(pipe)
 
 
-def _batcher(**options) -> StepBatcher:
-    return StepBatcher(tiny_sd(), config=tgate_kernels.TgateConfig(**SETTINGS), height=SIZE, width=SIZE, **options)
+def _batcher(family: str = "sd", **options) -> StepBatcher:
+    build, _ = SERVED[family]
+    return StepBatcher(build(), config=tgate_kernels.TgateConfig(**SETTINGS), height=SIZE, width=SIZE, **options)
 
 
 def _random_requests(count: int, seed: int, output_type: str = "latent") -> list[ImageRequest]:
@@ -57,11 +73,11 @@ def _random_requests(count: int, seed: int, output_type: str = "latent") -> list
     return requests
 
 
-@pytest.mark.parametrize("arrivals_seed", [0, 1])
-def test_each_request_gets_what_it_would_get_alone_whatever_arrives_beside_it(arrivals_seed):
+@pytest.mark.parametrize("family, arrivals_seed", [("sd", 0), ("sd", 1), ("sdxl", 2), ("pixart-alpha", 3), ("pixart-sigma", 4)])
+def test_each_request_gets_what_it_would_get_alone_whatever_arrives_beside_it(family, arrivals_seed):
     requests = _random_requests(7, arrivals_seed)
     arrivals = random.Random(100 + arrivals_seed)
-    batcher = _batcher(max_rows=5, start=False)
+    batcher = _batcher(family, max_rows=5, start=False)
     futures, pending, ticks = [], list(requests), 0
     rows_seen = []
     try:
@@ -76,8 +92,10 @@ def test_each_request_gets_what_it_would_get_alone_whatever_arrives_beside_it(ar
     finally:
         batcher.close()
     assert max(rows_seen) <= 5 and max(rows_seen) >= 3, "requests shared calls, within the row bound"
+    reference = SERVED[family][0]()
     for request, future in zip(requests, futures):
-        torch.testing.assert_close(future.result(), _alone(request), **TOLERANCE, msg=lambda m: f"{request}: {m}")
+        torch.testing.assert_close(future.result(), _alone(request, reference, family), **TOLERANCE,
+                                   msg=lambda m: f"{request}: {m}")
 
 
 def test_after_its_gate_a_request_skips_cross_attention_and_guidance():
@@ -196,9 +214,8 @@ def test_a_gate_beyond_the_steps_is_refused_at_submit():
 
 
 def test_pipelines_the_batcher_does_not_run_are_refused_before_anything_changes():
-    pixart = tiny_pixart_alpha()
-    with pytest.raises(ValueError, match="PixArtAlphaPipeline is not one yet"):
-        StepBatcher(pixart)
+    with pytest.raises(ValueError, match="SanaPipeline is not one yet"):
+        StepBatcher(tiny_sana())
     gated = tgate_kernels.enable(tiny_sd())
     with pytest.raises(ValueError, match="T-GATE is enabled on this pipeline"):
         StepBatcher(gated)
@@ -235,3 +252,44 @@ def test_load_test_command_serves_every_mode_and_writes_its_table(tmp_path, caps
     with pytest.raises(SystemExit):
         cli.main(["load-test", "--rates", "0", "--out", str(tmp_path / "never")])
     assert "--rates" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_a_denoiser_call_that_fails_fails_its_requests_and_the_batcher_serves_on():
+    batcher = _batcher(start=False)
+    unet = batcher.pipe.unet
+    original = unet.forward
+
+    def broken_once(*args, **kwargs):
+        unet.forward = original
+        raise RuntimeError("out of memory, say")
+
+    unet.forward = broken_once
+    try:
+        failed = [batcher.submit(ImageRequest("a red square", num_inference_steps=3, seed=s, gate_step=1, output_type="latent"))
+                  for s in (0, 1)]
+        batcher.tick()
+        later = ImageRequest("a blue circle", num_inference_steps=3, seed=2, gate_step=1, output_type="latent")
+        served = batcher.submit(later)
+        batcher.run_until_idle()
+    finally:
+        batcher.close()
+    for future in failed:
+        with pytest.raises(RuntimeError, match="out of memory, say"):
+            future.result()
+    torch.testing.assert_close(served.result(), _alone(later), **TOLERANCE)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart-sigma"])
+def test_decoded_images_are_the_pipelines_own(family):
+    requests = [ImageRequest("a red square", "blurry", num_inference_steps=4, guidance_scale=5.0, seed=s, gate_step=2,
+                             output_type=kind) for s, kind in ((0, "np"), (1, "pil"))]
+    batcher = _batcher(family, start=False)
+    try:
+        futures = [batcher.submit(request) for request in requests]
+        batcher.run_until_idle()
+    finally:
+        batcher.close()
+    reference = SERVED[family][0]()
+    np.testing.assert_allclose(futures[0].result(), _alone(requests[0], reference, family)[0], **TOLERANCE)
+    served, alone = (np.asarray(image, dtype=np.int16) for image in (futures[1].result(), _alone(requests[1], reference, family)[0]))
+    assert np.abs(served - alone).max() <= 1

@@ -1,7 +1,8 @@
 """Step-level batching with a gate per request.
 
 Requests join the running batch at any step boundary and leave it when they finish. Each tick
-runs one denoiser call over every active request: a request before its gate brings its two
+runs one denoiser call (the UNet of Stable Diffusion 1.x/2.x and SDXL, PixArt's transformer:
+:mod:`.pipelines`) over every active request: a request before its gate brings its two
 guidance rows (``[negative, prompt]``), one after its gate a single row whose cross-attention is
 its own cache (:mod:`.batched_attention`); each has its own scheduler, timestep and latents, so
 requests at different steps, of different lengths, gates and guidance scales share a call.
@@ -31,11 +32,9 @@ from ..config import TgateConfig
 from ..engine.attention_modules import hookable_attentions
 from ..schedule import StepPlan, plan_generation, plan_step
 from .batched_attention import BatchedAttention, BatchPlan, RowSegment
+from .pipelines import ServedPipeline, served_class_names, served_pipeline
 from .requests import ImageRequest
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
-"""Pipeline classes (and their subclasses) the step batcher runs: one UNet, text through
-cross-attention, CFG batched as ``[negative, prompt]``."""
 
 
 class BatcherClosed(RuntimeError):
@@ -51,8 +50,8 @@ class _Running:
     generator: torch.Generator
     scheduler: Any
     latents: torch.Tensor
-    embeddings: torch.Tensor
-    """``[negative, prompt]`` with guidance, else ``[prompt]``."""
+    conditioning: dict[str, torch.Tensor]
+    """Per-row inputs of the denoiser: ``[negative, prompt]`` with guidance, else ``[prompt]``."""
     guided: bool
     plans: list[StepPlan]
     gated: bool
@@ -66,7 +65,9 @@ class _Running:
 
     @property
     def rows(self) -> int:
-        """Rows this request brings to the next call."""
+        """Rows this request brings to the next call (none once it has run its last step)."""
+        if self.step >= len(self.plans):
+            return 0
         return 2 if self.guided and (not self.gated or self.plan.cfg_batch) else 1
 
 
@@ -77,8 +78,8 @@ class StepBatcher:
     ``fi_interval``); each request brings its own ``gate_step``. ``max_rows`` bounds the
     denoiser rows of a call (a request before its gate with guidance takes two); ``max_queued``
     bounds the requests waiting for room (then :meth:`submit` raises :class:`Overloaded`). A
-    request's future can be cancelled at any step: it leaves the batch at the next tick. Images are ``height`` x ``width`` (the pipeline's default size when
-    not given).
+    request's future can be cancelled at any step: it leaves the batch at the next tick. Images
+    are ``height`` x ``width`` (the pipeline's default size when not given).
 
     With ``start=True`` a worker thread runs the ticks; without, the caller runs them
     (:meth:`tick`, :meth:`run_until_idle`), which makes arrival patterns reproducible.
@@ -88,7 +89,7 @@ class StepBatcher:
         self, pipe, *, config: TgateConfig | None = None, max_rows: int = 16, max_queued: int = 64,
         height: int | None = None, width: int | None = None, start: bool = True,
     ) -> None:
-        _check_pipeline(pipe)
+        self.served = _check_pipeline(pipe)
         config = config if config is not None else TgateConfig()
         if config.auto or config.deepcache is not None or config.compile is not None:
             raise ValueError(
@@ -98,19 +99,20 @@ class StepBatcher:
             raise ValueError(f"`max_rows` must be an integer >= 2 (a guided request takes two rows), got {max_rows!r}")
         if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
             raise ValueError(f"`max_queued` must be a non-negative integer, got {max_queued!r}")
+        self.height = height or self.served.default_size()
+        self.width = width or self.served.default_size()
         factor = pipe.vae_scale_factor
-        self.height = height or pipe.unet.config.sample_size * factor
-        self.width = width or pipe.unet.config.sample_size * factor
         for name, value in (("height", self.height), ("width", self.width)):
-            if value % 8:
-                raise ValueError(f"`{name}` must be divisible by 8, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+                raise ValueError(f"`{name}` must be a positive multiple of the VAE's factor {factor}, got {value!r}")
         self.pipe = pipe
         self.config = config
         self.max_rows = max_rows
         self.max_queued = max_queued
         self._batch = BatchPlan()
         self._attentions = [
-            BatchedAttention(attention.module, attention.cross, self._batch) for attention in hookable_attentions(pipe.unet)
+            BatchedAttention(attention.module, attention.cross, self._batch)
+            for attention in hookable_attentions(self.served.model)
         ]
         self._waiting: deque[tuple[ImageRequest, concurrent.futures.Future]] = deque()
         self._running: list[_Running] = []
@@ -194,14 +196,23 @@ class StepBatcher:
         return ticks
 
     def tick(self) -> None:
-        """Admit what fits, run one denoiser call over every active request, finish the done ones."""
+        """Admit what fits, run one denoiser call over every active request, finish the done ones
+        (nothing once the batcher is closed)."""
+        if self._closed:
+            return
         self._admit()
         running = [r for r in self._running if not r.future.cancelled()]
         self._running = running
         if not running:
             return
         with torch.no_grad():
-            noise = self._denoise(running)
+            try:
+                noise = self._denoise(running)
+            except Exception as error:  # noqa: BLE001  (the call was everyone's: each of its requests fails)
+                for state in running:
+                    _settle(state.future, error=error)
+                self._running = []
+                return
             finished = []
             for index, (state, prediction) in enumerate(zip(running, noise)):
                 try:
@@ -245,22 +256,22 @@ class StepBatcher:
         pipe = self.pipe
         device = pipe._execution_device
         guided = request.guidance_scale > 1
-        prompt, negative = pipe.encode_prompt(request.prompt, device, 1, guided, request.negative_prompt)
-        embeddings = torch.cat([negative, prompt]) if guided else prompt
+        conditioning = self.served.conditioning(request, guided, self.height, self.width)
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=device)
         generator = torch.Generator("cpu").manual_seed(request.seed)
         factor = pipe.vae_scale_factor
-        shape = (1, pipe.unet.config.in_channels, self.height // factor, self.width // factor)
+        shape = (1, self.served.latent_channels, self.height // factor, self.width // factor)
+        dtype = conditioning["encoder_hidden_states"].dtype
         # as the pipeline's prepare_latents, scaled by this request's own scheduler
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=embeddings.dtype) * scheduler.init_noise_sigma
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
         extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
         plans, gated = self._plans(request)
-        return _Running(request, future, generator, scheduler, latents, embeddings, guided, plans, gated, extra)
+        return _Running(request, future, generator, scheduler, latents, conditioning, guided, plans, gated, extra)
 
     def _denoise(self, running: list[_Running]) -> list[torch.Tensor]:
         """One denoiser call over every request; each request's guided noise prediction."""
-        inputs, timesteps, texts = [], [], []
+        inputs, timesteps, conditioning = [], [], {}
         segments = []
         for state in running:
             rows = state.rows
@@ -268,30 +279,27 @@ class StepBatcher:
             sample = state.scheduler.scale_model_input(torch.cat([state.latents] * rows), timestep)
             inputs.append(sample)
             timesteps.append(timestep.reshape(1).expand(rows))
-            # after its gate a guided request runs the negative part's row, as T-GATE keeps it
-            texts.append(state.embeddings if rows == len(state.embeddings) else state.embeddings[:1])
+            for name, tensor in state.conditioning.items():
+                # after its gate a guided request runs the negative part's row, as T-GATE keeps it
+                conditioning.setdefault(name, []).append(tensor[:rows])
             segments.append(RowSegment(state.caches, state.plan, rows, state.gated))
         self._batch.segments = segments
         try:
-            output = self.pipe.unet(
-                torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(texts), return_dict=False,
-            )[0]
+            output = self.served.predict(
+                torch.cat(inputs), torch.cat(timesteps), {name: torch.cat(rows) for name, rows in conditioning.items()},
+            )
         finally:
             self._batch.segments = []
         predictions, start = [], 0
         for state in running:
-            rows = state.rows
-            noise = output[start: start + rows]
-            start += rows
-            if rows == 2:
-                unconditional, text = noise.chunk(2)
-                noise = unconditional + state.request.guidance_scale * (text - unconditional)
-            predictions.append(noise)
+            predictions.append(self.served.guide(output[start: start + state.rows], state.request.guidance_scale))
+            start += state.rows
         return predictions
 
     def _advance(self, state: _Running, noise: torch.Tensor) -> None:
         timestep = state.scheduler.timesteps[state.step]
-        state.latents = state.scheduler.step(noise, timestep, state.latents, **state.extra_step_kwargs, return_dict=False)[0]
+        stepped = state.scheduler.step(noise, timestep, state.latents, **state.extra_step_kwargs, return_dict=False)
+        state.latents = stepped[self.served.step_output(len(state.plans))]
         if state.request.callback_on_step_end is not None:
             state.request.callback_on_step_end(state.step, timestep, state.latents)
         state.step += 1
@@ -301,12 +309,9 @@ class StepBatcher:
         pipe = self.pipe
         latents = torch.cat([state.latents for state in finished])
         try:
-            decoded = latents
+            decoded, nsfw = latents, None
             if any(state.request.output_type != "latent" for state in finished):
-                decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-                decoded, nsfw = pipe.run_safety_checker(decoded, latents.device, latents.dtype)
-            else:
-                nsfw = None
+                decoded, nsfw = self.served.decode(latents)
         except Exception as error:  # noqa: BLE001
             for state in finished:
                 _settle(state.future, error=error)
@@ -337,11 +342,11 @@ class Overloaded(RuntimeError):
     """The step batcher's queue is full: try again later."""
 
 
-def _check_pipeline(pipe) -> None:
-    names = [cls.__name__ for cls in type(pipe).__mro__]
-    if not any(name in SUPPORTED_PIPELINES for name in names):
+def _check_pipeline(pipe) -> ServedPipeline:
+    served = served_pipeline(pipe)
+    if served is None:
         raise ValueError(
-            f"the step batcher runs {', '.join(SUPPORTED_PIPELINES)} (and subclasses); {type(pipe).__name__} is not "
+            f"the step batcher runs {', '.join(served_class_names())} (and subclasses); {type(pipe).__name__} is not "
             f"one yet. Nothing was changed."
         )
     if api.view(pipe) is not None:
@@ -349,10 +354,11 @@ def _check_pipeline(pipe) -> None:
             "T-GATE is enabled on this pipeline: the step batcher gates each request itself. Call "
             "tgate_kernels.disable(pipe) first. Nothing was changed."
         )
-    if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+    if getattr(served.model.config, "time_cond_proj_dim", None) is not None:
         raise ValueError("the step batcher does not run guidance-embedded UNets (LCM) yet. Nothing was changed.")
     if getattr(pipe.scheduler, "order", 1) != 1:
         raise ValueError(
             f"the step batcher runs first-order schedulers (one denoiser call a step); {type(pipe.scheduler).__name__} "
             f"has order {pipe.scheduler.order}. Nothing was changed."
         )
+    return served

@@ -39,6 +39,8 @@ class BenchOptions:
     repeats: int = 2
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    dtype_reason: str = ""
+    """Why the latency runs in ``dtype`` (measured on this CPU, asked for, ...)."""
     reference: bool = True
     compile: bool | dict = False
     resolutions: list[int] = field(default_factory=list)
@@ -322,6 +324,7 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
             repeats=options.repeats,
             device=options.device,
             dtype=str(options.dtype).replace("torch.", ""),
+            dtype_reason=options.dtype_reason,
             reference=options.reference,
             compile=options.compile,
             resolutions=options.resolutions,
@@ -350,4 +353,6 @@ def run_bench(options: BenchOptions, progress: Progress = lambda _: None) -> Ben
         progress(f"{options.python_calls_model}: Python calls per step")
     if options.throughput_model and options.throughput_prompts:
         results.throughput = _throughput_rows(options, progress)
+    if options.dtype_reason and (results.latency or results.throughput):
+        results.notes.append(f"latency dtype: {options.dtype_reason}")
     return results

@@ -163,17 +163,25 @@ def device(text: str) -> str:
 
 def resolve_dtype(name: str, device: str, fast_cpu_dtype: bool = False):
     """``auto``: float16 on CUDA; on a CPU float32, or with ``fast_cpu_dtype`` (benchmarks: what a
-    user after speed would run) bfloat16 where the CPU has native bfloat16 (AVX512-BF16 or AMX)."""
+    user after speed would run) the faster of bfloat16 and float32 as measured on this CPU
+    (:mod:`tgate_kernels.tools.benchmarking.dtype_choice`)."""
+    return resolve_dtype_with_reason(name, device, fast_cpu_dtype)[0]
+
+
+def resolve_dtype_with_reason(name: str, device: str, fast_cpu_dtype: bool = False):
+    """(dtype, why it was chosen)."""
     import torch
 
     if name != "auto":
-        return getattr(torch, name)
+        return getattr(torch, name), f"{name}: asked for"
     if device.startswith("cuda"):
-        return torch.float16
+        return torch.float16, "float16: on CUDA"
     if not fast_cpu_dtype:
-        return torch.float32
-    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return torch.bfloat16 if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else torch.float32
+        return torch.float32, "float32: on the CPU"
+    from ..benchmarking.dtype_choice import fastest_cpu_dtype
+
+    choice = fastest_cpu_dtype()
+    return choice.dtype, choice.reason
 
 
 # ------------------------------------------------------------------------------------------

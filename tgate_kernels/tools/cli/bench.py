@@ -48,8 +48,8 @@ def add_parser(commands) -> None:
     bench.add_argument("--repeats", type=arguments.positive_int, default=2, help="timed calls per variant (after one warm-up call each)")
     bench.add_argument("--device", type=arguments.device, default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     bench.add_argument("--dtype", choices=arguments.DTYPES, default="auto",
-                       help="latency dtype; auto is what a user would run: float16 on CUDA, bfloat16 on a CPU with native "
-                            "bfloat16 (AVX512-BF16 or AMX), float32 otherwise")
+                       help="latency dtype; auto is what a user would run: float16 on CUDA; on a CPU bfloat16 where it is "
+                            "measured faster than float32 here (with AMX), float32 otherwise")
     bench.add_argument("--no-reference", dest="reference", action="store_false", default=True,
                        help="do not time the reference `tgate` package (timed by default when installed)")
     bench.add_argument("--compile", action="store_true",
@@ -109,6 +109,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"argument --throughput-model: {args.throughput_model!r} is not one model; choose one of {', '.join(known)}")
     if any(prompts < 1 for prompts in args.throughput):
         parser.error(f"argument --throughput: {args.throughput} has a batch below 1 prompt; give positive counts such as 1,4,8")
+    dtype, dtype_reason = arguments.resolve_dtype_with_reason(args.dtype, args.device, fast_cpu_dtype=True)
+    if latency_models or args.throughput:
+        print(f"latency dtype: {dtype_reason}", file=sys.stderr, flush=True)
     options = BenchOptions(
         models=models,
         latency_models=latency_models,
@@ -117,7 +120,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         gate_steps=args.gate_steps,
         repeats=args.repeats,
         device=args.device,
-        dtype=arguments.resolve_dtype(args.dtype, args.device, fast_cpu_dtype=True),
+        dtype=dtype,
+        dtype_reason=dtype_reason,
         reference=args.reference,
         compile=args.compile,
         resolutions=args.resolutions,
