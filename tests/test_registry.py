@@ -92,13 +92,22 @@ def _imports(path: pathlib.Path) -> set[str]:
     return found
 
 
-ENGINE = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.relative_to(PACKAGE).parts and p.name != "__main__.py"]
+# the layers above the engine: tools (benchmarks, jobs, the CLI, the micro world) and serving
+ENGINE = [p for p in PACKAGE.rglob("*.py")
+          if not {"tools", "serving"} & set(p.relative_to(PACKAGE).parts) and p.name != "__main__.py"]
+SERVING = list((PACKAGE / "serving").rglob("*.py"))
 
 
-def test_the_engine_imports_nothing_from_the_tools():
+def test_the_engine_imports_nothing_from_the_tools_or_serving():
     assert ENGINE
-    leaks = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.startswith("tgate_kernels.tools"))
+    leaks = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.startswith(("tgate_kernels.tools", "tgate_kernels.serving")))
              for p in ENGINE}
+    assert not {k: v for k, v in leaks.items() if v}
+
+
+def test_serving_imports_nothing_from_the_tools():
+    assert SERVING
+    leaks = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.startswith("tgate_kernels.tools")) for p in SERVING}
     assert not {k: v for k, v in leaks.items() if v}
 
 
@@ -119,7 +128,7 @@ def test_private_attributes_of_other_libraries_are_read_in_compat_only():
     private = ("._hook_order", "._fn_refs", "._module_ref", "._is_stateful", "deinitalize_hook", "torch._inductor",
                "torch._dynamo", "diffusers.hooks.hooks", "_chunked_feed_forward", "._hf_hook", "._old_forward")
     found = {str(p.relative_to(PACKAGE)): [name for name in private if name in p.read_text()]
-             for p in ENGINE if p.name != "_compat.py"}
+             for p in [*ENGINE, *SERVING] if p.name != "_compat.py"}
     assert not {k: v for k, v in found.items() if v}
 
 

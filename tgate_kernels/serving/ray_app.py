@@ -12,7 +12,7 @@ class ServerOptions:
     """What each replica loads and how it batches (see ``tgate-kernels serve --help``)."""
 
     model: str
-    """``micro-sd`` (the shipped micro Stable Diffusion) or a diffusers Stable Diffusion folder."""
+    """A diffusers pipeline folder (Stable Diffusion 1.x/2.x, SDXL, PixArt) or Hub id."""
     replicas: int = 1
     max_rows: int = 16
     max_queued: int = 64
@@ -24,18 +24,13 @@ class ServerOptions:
     dtype: str = "float32"
 
 
-def load_stable_diffusion(model: str, dtype: str = "float32"):
+def load_served_pipeline(model: str, dtype: str = "float32"):
     """The pipeline a replica serves, on the GPU when there is one."""
     import torch
+    from diffusers import DiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model == "micro-sd":
-        from ..tools.micro.adherence import load_micro_pipeline
-
-        return load_micro_pipeline("sd", device=device, dtype=getattr(torch, dtype))
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -46,7 +41,7 @@ def replica_app(options: ServerOptions):
     from .http_api import create_app
     from .step_batcher import StepBatcher
 
-    pipe = load_stable_diffusion(options.model, options.dtype)
+    pipe = load_served_pipeline(options.model, options.dtype)
     batcher = StepBatcher(
         pipe, config=TgateConfig(sp_interval=options.sp_interval, warm_up=options.warm_up),
         max_rows=options.max_rows, max_queued=options.max_queued,

@@ -32,7 +32,7 @@ MODES = ("one at a time", "request batching", "step batching", "step batching + 
 class LoadSettings:
     rates: tuple[float, ...]
     """Arrival rates, requests per second."""
-    requests: int = 16
+    requests: int = 12
     steps: int = 10
     gate_step: int = 4
     guidance_scale: float = 7.5
@@ -117,8 +117,13 @@ class _Clock:
             time.sleep(delay)
 
 
-def _call(settings: LoadSettings, prompts: list[str], seeds: list[int]) -> dict:
-    size = settings.latent_size * 8
+def _image_size(pipe, settings: LoadSettings) -> int:
+    """Pixels a side of images whose latents are ``latent_size`` a side (the micro VAE halves them)."""
+    return settings.latent_size * pipe.vae_scale_factor
+
+
+def _call(pipe, settings: LoadSettings, prompts: list[str], seeds: list[int]) -> dict:
+    size = _image_size(pipe, settings)
     return dict(prompt=prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
                 generator=[torch.Generator().manual_seed(seed) for seed in seeds], height=size, width=size, output_type="np")
 
@@ -132,7 +137,7 @@ def _one_at_a_time(pipe, settings, arrivals, prompts) -> list[float]:
         for index, arrival in enumerate(arrivals):
             clock.wait_until(arrival)
             with torch.no_grad():
-                pipe(**_call(settings, [prompts[index]], [index]))
+                pipe(**_call(pipe, settings, [prompts[index]], [index]))
             finished.append(clock.now())
     finally:
         tgate_kernels.disable(pipe)
@@ -155,7 +160,7 @@ def _request_batching(pipe, settings, arrivals, prompts) -> list[float]:
             if len(batch) < settings.max_batch:
                 clock.wait_until(deadline)
             with torch.no_grad():
-                pipe(**_call(settings, [prompts[i] for i in batch], batch))
+                pipe(**_call(pipe, settings, [prompts[i] for i in batch], batch))
             for index in batch:
                 finished[index] = clock.now()
             served = batch[-1] + 1
@@ -167,7 +172,7 @@ def _request_batching(pipe, settings, arrivals, prompts) -> list[float]:
 def _step_batching(pipe, settings, arrivals, prompts, gated: bool) -> list[float]:
     from ...serving import ImageRequest, StepBatcher
 
-    size = settings.latent_size * 8
+    size = _image_size(pipe, settings)
     clock, finished = _Clock(), [0.0] * len(arrivals)
     done = threading.Event()
     remaining = [len(arrivals)]
@@ -202,7 +207,7 @@ def measure_load(settings: LoadSettings, progress=None) -> list[LoadResult]:
     pipe = sd15_serving_pipeline(settings.latent_size)
     say = progress or (lambda message: None)
     with torch.no_grad():  # first-call allocations are nobody's
-        pipe(**_call(settings, ["warm up"], [0]))
+        pipe(**_call(pipe, settings, ["warm up"], [0]))
     results = []
     for position, rate in enumerate(settings.rates):
         arrivals = poisson_arrivals(rate, settings.requests, settings.seed + position)

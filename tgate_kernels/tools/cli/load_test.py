@@ -19,11 +19,11 @@ def add_parser(commands) -> None:
                     "SD-1.5 UNet (random weights) at a small latent size. Nothing is downloaded.",
         formatter_class=arguments.HelpFormatter,
     )
-    load.add_argument("--rates", type=arguments.positive_float_list, default=[0.1, 0.2, 0.4], help="comma-separated arrival rates, requests/s")
-    load.add_argument("--requests", type=arguments.positive_int, default=16, help="requests per rate and mode")
+    load.add_argument("--rates", type=arguments.positive_float_list, default=[0.15, 0.3, 0.5], help="comma-separated arrival rates, requests/s")
+    load.add_argument("--requests", type=arguments.positive_int, default=12, help="requests per rate and mode")
     load.add_argument("--steps", type=arguments.positive_int, default=10)
     load.add_argument("--gate-step", type=arguments.positive_int, default=4)
-    load.add_argument("--latent-size", type=arguments.positive_int, default=8, help="latent height and width (8: 64 px images)")
+    load.add_argument("--latent-size", type=arguments.positive_int, default=8, help="latent height and width the UNet sees (SD-1.5 at 8: a 64 px image of its own VAE)")
     load.add_argument("--wait", type=float, default=0.5, help="request batching: seconds the first request waits for others")
     load.add_argument("--max-batch", type=arguments.positive_int, default=4, help="prompts a call (step batching: guided requests)")
     load.add_argument("--seed", type=arguments.non_negative_int, default=0)

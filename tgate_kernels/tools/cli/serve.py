@@ -17,14 +17,16 @@ def add_parser(commands) -> None:
                     "by its own gate_step. Endpoints: POST /v1/images/generations, GET /health, GET /metrics.",
         formatter_class=arguments.HelpFormatter,
     )
-    serve.add_argument("--model", required=True, help="micro-sd (the shipped micro pipeline) or a diffusers Stable Diffusion folder")
+    serve.add_argument("--model", required=True,
+                       help="micro-sd (the shipped micro pipeline), or a Stable Diffusion 1.x/2.x, SDXL or PixArt pipeline "
+                            "folder or Hub id")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=arguments.positive_int, default=8000)
     serve.add_argument("--replicas", type=arguments.positive_int, default=1, help="replicas (one GPU each where there are GPUs)")
     serve.add_argument("--max-rows", type=arguments.positive_int, default=16, help="denoiser rows of one step-batched call")
     serve.add_argument("--max-queued", type=arguments.non_negative_int, default=64, help="requests waiting per replica before 429")
-    serve.add_argument("--steps", type=arguments.positive_int, default=None, help="default num_inference_steps (micro-sd: 20, else 25)")
-    serve.add_argument("--guidance-scale", type=float, default=None, help="default guidance_scale (micro-sd: 4.0, else 7.5)")
+    serve.add_argument("--steps", type=arguments.positive_int, default=None, help="a request's default num_inference_steps (micro-sd: 20, else 25)")
+    serve.add_argument("--guidance-scale", type=float, default=None, help="a request's default guidance_scale (micro-sd: 4.0, else 7.5)")
     serve.add_argument("--gate-step", type=arguments.gate_step_or_none, default=0.4,
                        help="default gate_step of a request: a step, a fraction of the steps, or none")
     serve.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -40,8 +42,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ...serving.ray_app import ServerOptions, application
 
     micro = args.model == "micro-sd"
+    model = args.model
+    if micro:
+        from ..micro.adherence import WEIGHTS
+
+        model = str(WEIGHTS / "sd")
     options = ServerOptions(
-        model=args.model, replicas=args.replicas, max_rows=args.max_rows, max_queued=args.max_queued,
+        model=model, replicas=args.replicas, max_rows=args.max_rows, max_queued=args.max_queued,
         steps=args.steps or (20 if micro else 25),
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else (4.0 if micro else 7.5),
         gate_step=args.gate_step, dtype=args.dtype,
