@@ -167,3 +167,19 @@ def test_tgate_kernels_serve_on_ray_answers_over_http():
     for index, item in enumerate(answer.json()["data"]):
         expected = _eager(pipe, body["prompt"], 11 + index, 20, 4.0, 0.4, height=32, width=32)
         assert np.abs(_pixels(item) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--max-rows", "1"], "--max-rows: must be at least 2"),
+        (["--gate-step", "auto"], "auto is not allowed here"),
+        (["--port", "0"], "--port"),
+    ],
+)
+def test_serve_refuses_bad_options_before_starting_anything(arguments, message, capsys):
+    from tgate_kernels.tools import cli
+
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["serve", "--model", "micro-sd", *arguments])
+    assert raised.value.code == 2 and message in capsys.readouterr().err
