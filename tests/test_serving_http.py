@@ -36,6 +36,16 @@ def _pixels(item: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).convert("RGB"), dtype=np.int16)
 
 
+def _samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text exposition, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""): value
+        for family in text_string_to_metric_families(text) for name, labels, value, *_ in family.samples
+    }
+
+
 def _eager(pipe, prompt, seed, steps, guidance, gate, **call) -> np.ndarray:
     """The ordinary pipeline's image, T-GATE enabled at ``gate`` (``None``: plain)."""
     if gate is not None:
@@ -99,8 +109,9 @@ def test_images_come_back_as_the_eager_pipeline_makes_them(server):
         assert np.abs(_pixels(answer.json()["data"][0]) - expected).max() <= 1
     health = requests.get(f"{server}/health", timeout=5).json()
     assert health == {"status": "ok", "running": 0, "waiting": 0, "rows": 0}
-    metrics = requests.get(f"{server}/metrics", timeout=5).text
-    assert "tgate_requests_total 3" in metrics and "tgate_images_total 4" in metrics
+    metrics = _samples(requests.get(f"{server}/metrics", timeout=5).text)
+    assert metrics["tgate_requests_total"] == 3 and metrics["tgate_images_total"] == 4
+    assert metrics['tgate_load{what="running"}'] == 0 and metrics["tgate_generation_seconds_total"] > 0
 
 
 @pytest.mark.parametrize(
@@ -126,7 +137,7 @@ def test_a_full_replica_answers_429(server):
     answer = requests.post(f"{server}/v1/images/generations", json={"prompt": "a red square"}, timeout=30)
     assert answer.status_code == 429
     assert "busy" in answer.json()["error"]["message"]
-    assert "tgate_overloaded_total 1" in requests.get(f"{server}/metrics", timeout=5).text
+    assert _samples(requests.get(f"{server}/metrics", timeout=5).text)['tgate_refused_total{reason="overloaded"}'] == 1
 
 
 def test_tgate_kernels_serve_on_ray_answers_over_http():

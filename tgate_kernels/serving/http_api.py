@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import threading
 import time
 from typing import Any
 
@@ -33,25 +32,26 @@ class BadRequest(ValueError):
 
 
 class Metrics:
-    """Counters of one replica, in Prometheus' text format."""
+    """What one replica has done and how loaded it is, in Prometheus' text format (prometheus_client,
+    a registry of its own)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts = {"requests": 0, "images": 0, "bad_requests": 0, "overloaded": 0, "failed": 0}
-        self.seconds = 0.0
+        from prometheus_client import CollectorRegistry, Counter, Gauge
 
-    def add(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self.counts[name] += amount
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tgate_requests", "requests to /v1/images/generations", registry=self.registry)
+        self.images = Counter("tgate_images", "images returned", registry=self.registry)
+        self.refused = Counter("tgate_refused", "requests answered with an error", ["reason"], registry=self.registry)
+        self.seconds = Counter("tgate_generation_seconds", "seconds spent waiting for images", registry=self.registry)
+        self.load = Gauge("tgate_load", "requests running and waiting, and the rows of the next call", ["what"],
+                          registry=self.registry)
 
     def text(self, load: dict[str, int]) -> str:
-        lines = []
-        for name, value in self.counts.items():
-            lines += [f"# TYPE tgate_{name}_total counter", f"tgate_{name}_total {value}"]
-        lines += ["# TYPE tgate_generation_seconds_total counter", f"tgate_generation_seconds_total {self.seconds:.6f}"]
-        for name, value in load.items():
-            lines += [f"# TYPE tgate_{name} gauge", f"tgate_{name} {value}"]
-        return "\n".join(lines) + "\n"
+        from prometheus_client import generate_latest
+
+        for what, value in load.items():
+            self.load.labels(what).set(value)
+        return generate_latest(self.registry).decode()
 
 
 def image_requests(
@@ -107,37 +107,34 @@ def create_app(
 
     @app.post("/v1/images/generations")
     async def generations(request: Request):
-        metrics.add("requests")
+        metrics.requests.inc()
         try:
             body = await request.json()
         except ValueError:
-            metrics.add("bad_requests")
+            metrics.refused.labels("bad_request").inc()
             return error(400, "the body is not JSON", "invalid_request_error")
         try:
             wanted = image_requests(body, batcher, default_steps, default_gate, default_guidance)
             futures = []
             for item in wanted:
                 futures.append(batcher.submit(item))
-        except BadRequest as refused:
-            metrics.add("bad_requests")
-            return error(400, str(refused), "invalid_request_error")
-        except (ValueError, TypeError) as refused:  # a gate the steps cannot hold, found by the batcher
-            metrics.add("bad_requests")
+        except (BadRequest, ValueError, TypeError) as refused:  # ValueError: a gate the steps cannot hold
+            metrics.refused.labels("bad_request").inc()
             return error(400, str(refused), "invalid_request_error")
         except Overloaded as full:
             for future in futures:
                 future.cancel()
-            metrics.add("overloaded")
+            metrics.refused.labels("overloaded").inc()
             return error(429, f"the server is busy: {full}; retry later", "overloaded")
         start = time.perf_counter()
         try:
             images = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         except Exception as failed:  # noqa: BLE001
-            metrics.add("failed")
+            metrics.refused.labels("failed").inc()
             return error(500, f"generation failed: {failed}", "server_error")
         finally:
-            metrics.seconds += time.perf_counter() - start
-        metrics.add("images", len(images))
+            metrics.seconds.inc(time.perf_counter() - start)
+        metrics.images.inc(len(images))
         return {"created": int(time.time()), "data": [{"b64_json": png_base64(image)} for image in images]}
 
     @app.get("/health")
@@ -146,6 +143,8 @@ def create_app(
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.text(batcher.load))
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return PlainTextResponse(metrics.text(batcher.load), media_type=CONTENT_TYPE_LATEST)
 
     return app
