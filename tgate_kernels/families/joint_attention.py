@@ -103,7 +103,7 @@ register(Family(
 
 # Joint-attention families whose text rows T-GATE cannot yet freeze correctly: refused at
 # `enable`, each with what stands in the way.
-_NOT_YET = "T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
+_NOT_YET = "; T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
 for _name, _pipelines, _why in (
     ("hunyuan-video-i2v", ("HunyuanVideoImageToVideoPipeline",),
      "joint attention as HunyuanVideo's, its text stream given the image's tokens by a Llava encoder and its "
@@ -116,19 +116,18 @@ for _name, _pipelines, _why in (
      "does not know how to gate"),
     ("mochi", ("MochiPipeline",),
      "joint attention whose processor attends to each sample's own unpadded text tokens, chosen by the prompt's "
-     "mask inside the processor"),
+     "mask inside the processor" + _NOT_YET),
     ("lumina2", ("Lumina2Pipeline",),
      "joint attention over one sequence joining the text and image tokens in every layer, with no separate text "
-     "stream, after a text refiner that runs every step"),
+     "stream, after a text refiner that runs every step" + _NOT_YET),
     ("hidream", ("HiDreamImagePipeline",),
      "joint attention fed by a Llama layer's text states in every block, with single-stream blocks that take "
-     "one joined sequence"),
+     "one joined sequence" + _NOT_YET),
     ("stable-diffusion-3-pag", ("StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline"),
      "joint attention whose PAG processor runs the text stream's projections once for the guided parts and "
-     "once for the perturbed part of each batch"),
+     "once for the perturbed part of each batch" + _NOT_YET),
     ("flux2-kv", ("Flux2KleinKVPipeline",),
      "joint attention whose pipeline keeps its own cache of the reference images' keys and values across steps, "
      "passed to every block; T-GATE does not know how to gate beside it"),
 ):
-    _reason = _why if "T-GATE" in _why else f"{_why}; {_NOT_YET}"
-    register(Family(_name, pipelines=_pipelines, conditioning=Conditioning.JOINT_ATTENTION, refused=_reason))
+    register(Family(_name, pipelines=_pipelines, conditioning=Conditioning.JOINT_ATTENTION, refused=_why))

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.guidance import NEGATIVE, PROMPT
+from ..hooks.attention_cache import merge_text_pair
 from ..schedule import AttentionAction, StepPlan
 
 
@@ -108,8 +110,7 @@ class BatchedAttention:
         if self._action(segment) is not AttentionAction.CACHE:
             return
         if segment.plan.average_cfg_halves and segment.rows == 2:
-            negative, prompt = output.chunk(2)
-            segment.caches[self.key] = (negative + prompt) / 2
+            segment.caches[self.key] = merge_text_pair(output, (NEGATIVE, PROMPT))[0]
         else:
             segment.caches[self.key] = output
 

@@ -15,13 +15,11 @@ pipeline's tokenizer and VAE and a random 768-wide CLIP text encoder, so nothing
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 
 import torch
 
@@ -57,15 +55,16 @@ class LoadResult:
 def sd15_serving_pipeline(latent_size: int = 8):
     """A StableDiffusionPipeline with the SD-1.5 UNet (random weights) serving
     ``latent_size``² latents; text of 77 tokens, 768 wide, as SD-1.5's."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..micro.adherence import load_micro_pipeline
+    from .architectures import architecture
 
     micro = load_micro_pipeline("sd")
-    config = json.loads(resources.files("tgate_kernels.tools.benchmarking.configs").joinpath("sd15_unet.json").read_text())
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**{**{k: v for k, v in config.items() if not k.startswith("_")}, "sample_size": latent_size}).eval()
+    unet = architecture("sd15").build_denoiser("cpu")
+    unet.register_to_config(sample_size=latent_size)
     tokenizer = micro.tokenizer
     tokenizer.model_max_length = 77
     text_config = CLIPTextConfig(
