@@ -293,3 +293,22 @@ def test_decoded_images_are_the_pipelines_own(family):
     np.testing.assert_allclose(futures[0].result(), _alone(requests[0], reference, family)[0], **TOLERANCE)
     served, alone = (np.asarray(image, dtype=np.int16) for image in (futures[1].result(), _alone(requests[1], reference, family)[0]))
     assert np.abs(served - alone).max() <= 1
+
+
+def test_attention_modules_someone_else_has_hooked_are_refused_before_anything_changes():
+    first = _batcher(start=False)
+    try:
+        with pytest.raises(ValueError, match="already have their forward replaced"):
+            StepBatcher(first.pipe)
+    finally:
+        first.close()
+    # T-GATE enabled on a pipeline made from the same components hooks the shared UNet
+    pipe = tiny_sd()
+    gated = tgate_kernels.enable(type(pipe)(**pipe.components))
+    try:
+        with pytest.raises(ValueError, match="already have their forward replaced"):
+            StepBatcher(pipe)
+    finally:
+        tgate_kernels.disable(gated)
+    with StepBatcher(pipe, start=False):
+        pass  # free again once T-GATE is disabled

@@ -109,10 +109,18 @@ class StepBatcher:
         self.config = config
         self.max_rows = max_rows
         self.max_queued = max_queued
+        attentions = hookable_attentions(self.served.model)
+        taken = [attention.name for attention in attentions if "forward" in attention.module.__dict__]
+        if taken:
+            # another step batcher, T-GATE enabled through a pipeline sharing this denoiser, or a cache's hook
+            raise ValueError(
+                f"the attention modules {taken[:3]}{' ...' if len(taken) > 3 else ''} of this pipeline's "
+                f"{self.served.denoiser} already have their forward replaced (by another step batcher, T-GATE "
+                f"enabled on a pipeline sharing it, or another hook); close or disable that first. Nothing was changed."
+            )
         self._batch = BatchPlan()
         self._attentions = [
-            BatchedAttention(attention.module, attention.cross, self._batch)
-            for attention in hookable_attentions(self.served.model)
+            BatchedAttention(attention.module, attention.cross, self._batch) for attention in attentions
         ]
         self._waiting: deque[tuple[ImageRequest, concurrent.futures.Future]] = deque()
         self._running: list[_Running] = []
