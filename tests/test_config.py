@@ -29,7 +29,8 @@ def test_spellings_of_one_setting_make_equal_configs():
     "config",
     [
         TgateConfig(),
-        TgateConfig(gate_step=0.4, sp_interval=3, fi_interval=2, warm_up=0, lcm=True, kernels="off", kept_part="conditional"),
+        TgateConfig(gate_step=0.4, sp_interval=3, fi_interval=2, warm_up=0, lcm=True, kernels="off", kept_part="conditional",
+                    gate_cache="kept-part"),
         TgateConfig(gate_step="auto", auto_gate={"threshold": 0.1, "min_fraction": 0.3}),
         TgateConfig(gate_step=7, deepcache={"cache_interval": 2, "cache_branch_id": 1}),
         TgateConfig(compile={"mode": "max-autotune", "freezing": False, "options": {"max_autotune": True}}),
@@ -48,6 +49,7 @@ def test_a_config_survives_json_and_back(config):
         ({"gate_step": "soon"}, TypeError, ["gate_step", "soon", "'auto'"]),
         ({"sp_interval": 0}, ValueError, ["sp_interval", ">= 1", "0"]),
         ({"kernels": "fast"}, ValueError, ["kernels", "fast", "'auto'", "'off'"]),
+        ({"gate_cache": "prompt"}, ValueError, ["gate_cache", "prompt", "'mean'", "'kept-part'"]),
         ({"deepcache": {"cache_interval": 0}}, ValueError, ["cache_interval", ">= 1"]),
         ({"deepcache": {"interval": 3}}, ValueError, ["deepcache", "unknown keys", "interval", "cache_interval"]),
         ({"compile": {"backend": "nope"}}, ValueError, ["compile['backend']", "nope"]),

@@ -94,11 +94,12 @@ def test_gate_zero_is_the_unguided_run_of_the_kept_part(name):
     assert max_abs_diff(gated, _run(family.build(), family, **changes)) <= 1e-5
 
 
+@pytest.mark.parametrize("gate_cache", ["mean", "kept-part"])
 @pytest.mark.parametrize("name", GATED)
-def test_the_gate_caches_the_mean_over_the_guidance_parts(name):
+def test_the_gate_caches_the_mean_over_the_guidance_parts_or_the_kept_parts_own(name, gate_cache):
     family = FAMILIES[name]
     gate = 1  # the gate at the first step, the first reuse at the second: one expert of Wan 2.2 runs both
-    pipe = tgate_kernels.enable(family.build(), gate_step=gate, kernels="off")
+    pipe = tgate_kernels.enable(family.build(), gate_step=gate, kernels="off", gate_cache=gate_cache)
     cross = next(a for a in tgate_kernels.view(pipe).attentions if a.cross and a.denoiser == family.denoisers[0])
     outputs = []
 
@@ -114,14 +115,14 @@ def test_the_gate_caches_the_mean_over_the_guidance_parts(name):
     if layout.mode is Mode.SEPARATE:
         per_step = len(layout.parts)
         at_gate = outputs[per_step * (gate - 1): per_step * gate]
-        if at_gate[0].shape == at_gate[1].shape:
+        if at_gate[0].shape == at_gate[1].shape and gate_cache == "mean":
             expected = (at_gate[0] + at_gate[1]) / 2
-        else:  # a text stream over texts of different lengths (Qwen-Image's): the kept call's own
+        else:  # a text stream over texts of different lengths (Qwen-Image's) has no mean: the kept call's own
             expected = at_gate[layout.parts.index(layout.kept)]
         reused = outputs[per_step * gate]
     else:
         chunks = dict(zip(layout.parts, outputs[gate - 1].chunk(len(layout.parts))))
-        merged = (chunks["negative"] + chunks["prompt"]) / 2
+        merged = (chunks["negative"] + chunks["prompt"]) / 2 if gate_cache == "mean" else chunks[layout.kept]
         expected = torch.cat([merged if part == MERGED else chunks[part] for part in layout.after_gate(layout.parts)])
         reused = outputs[gate]
     assert reused.shape == expected.shape

@@ -158,7 +158,7 @@ def _generation(plan):
     from tgate_kernels.engine.generation import CallContext
 
     return types.SimpleNamespace(owner=threading.get_ident(), step=plan.step, plan=plan, context=CallContext(),
-                                 reuse_fills_cache=False)
+                                 reuse_fills_cache=False, config=None)
 
 
 def test_the_attention_cache_caches_the_mean_of_the_text_pair_at_the_gate_and_reuses_it_after():

@@ -68,6 +68,22 @@ def test_equal_jobs_spelled_differently_are_one_job(saved_tiny_sd, tmp_path, cap
     assert "0 images written (4 already there)" in capsys.readouterr().out
 
 
+def test_a_job_written_before_a_setting_existed_resumes_at_that_settings_default(saved_tiny_sd, tmp_path, capsys):
+    out = tmp_path / "out"
+    prompts = _prompts(tmp_path)
+    assert cli.main(_job(saved_tiny_sd, out, prompts)) == 0
+    run_file = out / "run.json"
+    written = json.loads(run_file.read_text())
+    del written["tgate"]["gate_cache"]  # as a version without the setting wrote it
+    run_file.write_text(json.dumps(written))
+    capsys.readouterr()
+    assert cli.main(_job(saved_tiny_sd, out, prompts)) == 0
+    assert "0 images written (4 already there)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(_job(saved_tiny_sd, out, prompts, "--gate-cache", "kept-part"))
+    assert "gate_cache" in capsys.readouterr().err
+
+
 def test_a_row_cut_short_by_a_crash_is_repaired_on_resume_and_the_folder_stays_valid(saved_tiny_sd, tmp_path, capsys):
     prompts = _prompts(tmp_path)
     complete, out = tmp_path / "complete", tmp_path / "out"

@@ -25,7 +25,7 @@ def _latents(pipe, steps=STEPS, family=SD3, **changes):
     return output.frames if hasattr(output, "frames") else output.images
 
 
-def test_the_text_stream_of_every_dual_stream_block_is_hooked_and_the_joint_attention_is_not():
+def test_the_text_stream_of_every_dual_stream_block_is_hooked_and_the_joint_attention_scheduled_as_self_attention():
     pipe = tgate_kernels.enable(SD3.build())
     attentions = tgate_kernels.view(pipe).attentions
     text = sorted(a.name for a in attentions if a.kind is AttentionKind.TEXT)
@@ -38,7 +38,46 @@ def test_the_text_stream_of_every_dual_stream_block_is_hooked_and_the_joint_atte
             expected.append(f"transformer_blocks.{index}.ff_context")
     assert text == sorted(expected)
     assert blocks[-1].context_pre_only and f"transformer_blocks.{len(blocks) - 1}.ff_context" not in text
-    assert not any(a.name.endswith(".attn") for a in attentions), "the joint attention itself is computed every step"
+    joint = sorted(a.name for a in attentions if a.kind is AttentionKind.JOINT)
+    assert joint == [f"transformer_blocks.{index}.attn" for index in range(len(blocks))]
+
+
+@pytest.mark.parametrize("name", JOINT)
+def test_the_joint_attention_follows_the_self_attention_schedule_before_the_gate(name):
+    """sp_interval=3, warm_up=1, gate at the 7th of 7 steps: every joint attention (of dual- and
+    single-stream blocks) computes at steps 0, 1, 3 and 6 and gives at steps 2, 4 and 5 exactly
+    what it gave at the last caching step, its projections not running."""
+    family = FAMILIES[name]
+    steps = 7
+    pipe = tgate_kernels.enable(family.build(), gate_step=steps, sp_interval=3, warm_up=1)
+    joint = [a for a in tgate_kernels.view(pipe).attentions if a.kind is AttentionKind.JOINT]
+    assert joint, "every joint-attention family has a joint attention"
+    denoiser = pipe.transformer
+    calls = []
+    outputs = {a.name: [] for a in joint}
+    runs = {a.name: [] for a in joint}
+    watches = [denoiser.register_forward_pre_hook(lambda module, args: calls.append(len(calls)))]
+    for attention in joint:
+        projection = next(m for m in attention.module.modules() if isinstance(m, torch.nn.Linear))
+        watches.append(projection.register_forward_pre_hook(lambda module, args, name=attention.name: runs[name].append(calls[-1])))
+        watches.append(attention.module.register_forward_hook(
+            lambda module, args, output, name=attention.name: outputs[name].append(
+                tuple(o.clone() for o in (output if isinstance(output, tuple) else (output,))))
+        ))
+    try:
+        _latents(pipe, steps=steps, family=family)
+    finally:
+        for watch in watches:
+            watch.remove()
+    per_step = len(calls) // steps
+    assert per_step * steps == len(calls)
+    for name in outputs:
+        assert sorted({call // per_step for call in runs[name]}) == [0, 1, 3, 6], name
+        by_step = [outputs[name][step * per_step:(step + 1) * per_step] for step in range(steps)]
+        for reusing, cached_at in ((2, 1), (4, 3), (5, 3)):
+            for reused, cached in zip(by_step[reusing], by_step[cached_at]):
+                assert all(torch.equal(r, c) for r, c in zip(reused, cached)), (name, reusing)
+        assert not all(torch.equal(a, b) for a, b in zip(by_step[3][0], by_step[1][0])), name
 
 
 @pytest.mark.parametrize("name", JOINT)
@@ -100,10 +139,13 @@ def test_without_guidance_the_frozen_text_stream_alone_saves():
 
 @pytest.mark.parametrize("name", JOINT)
 def test_compile_gives_eager_t_gates_latents(name):
+    """With the joint attention reused before the gate (steps 1 and 3) and after it (step 5), as
+    one guided batch or as one call per guidance part (each part reusing its own)."""
     family = FAMILIES[name]
     torch._dynamo.reset()
-    eager = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, kernels="off"), family=family)
-    compiled = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, compile={"backend": "eager"}), family=family)
+    schedule = dict(gate_step=5, sp_interval=2, warm_up=0, fi_interval=2)
+    eager = _latents(tgate_kernels.enable(family.build(), **schedule, kernels="off"), steps=6, family=family)
+    compiled = _latents(tgate_kernels.enable(family.build(), **schedule, compile={"backend": "eager"}), steps=6, family=family)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -453,3 +495,17 @@ def test_projections_fused_after_enable_are_refused_at_the_gate_with_what_to_do(
     plain = _latents(FLUX.build(), family=FLUX)
     tgate_kernels.enable(pipe, gate_step=STEPS, sp_interval=1, warm_up=0)
     assert torch.equal(_latents(pipe, family=FLUX), plain)
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3", "flux"])
+def test_compile_caches_the_kept_parts_own_output_at_the_gate_as_eager_does(name):
+    """``gate_cache="kept-part"`` under compile (the plan as data): one guided batch (SD, SD3) or
+    one call per part (FLUX's true CFG)."""
+    family = FAMILIES[name]
+    torch._dynamo.reset()
+    settings = dict(gate_step=GATE, gate_cache="kept-part")
+    eager = _latents(tgate_kernels.enable(family.build(), **settings, kernels="off"), family=family)
+    mean = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, kernels="off"), family=family)
+    compiled = _latents(tgate_kernels.enable(family.build(), **settings, compile={"backend": "eager"}), family=family)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert (torch.as_tensor(eager) - torch.as_tensor(mean)).abs().max() > 1e-4

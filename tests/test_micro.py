@@ -12,6 +12,7 @@ import tgate_kernels
 from tgate_kernels.tools.micro import world
 from tgate_kernels.tools.micro.adherence import (
     MICRO_CALL,
+    WITHOUT,
     WEIGHTS,
     AttributeClassifier,
     adherence,
@@ -114,12 +115,13 @@ def test_micro_sd_follows_prompts():
     assert adherence(prompts, images) >= 0.75
 
 
-@pytest.mark.parametrize("name", ["sd", "pixart"])
+@pytest.mark.parametrize("name", ["sd", "pixart", "sd3"])
 def test_shipped_pipelines_load_and_run_gated(name):
-    from diffusers import DiffusionPipeline, PixArtAlphaPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name)
-    assert isinstance(pipe, {"sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline}[name])
+    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, **WITHOUT.get(name, {}))
+    expected = {"sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline}[name]
+    assert isinstance(pipe, expected)
     assert all(p.dtype == torch.float32 for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters())
     pipe.set_progress_bar_config(disable=True)
     prompts = EVAL_PROMPTS[1::12]

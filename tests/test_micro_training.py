@@ -8,7 +8,7 @@ import torch
 
 import tgate_kernels
 from tgate_kernels.tools.micro import train
-from tgate_kernels.tools.micro.adherence import MICRO_CALL
+from tgate_kernels.tools.micro.adherence import MICRO_CALL, WITHOUT
 
 FEW = dict(steps=2, batch_size=4, samples=32)
 
@@ -33,11 +33,11 @@ def test_vae_training_repeats_given_its_seed(vae):
     assert report.steps == 2 and np.isfinite(report.final_loss) and vae.config.scaling_factor > 0
 
 
-@pytest.mark.parametrize("name", ["sd", "pixart"])
+@pytest.mark.parametrize("name", ["sd", "pixart", "sd3"])
 def test_denoiser_training_repeats_and_saves_a_pipeline_that_runs_gated(name, vae, tmp_path):
     from diffusers import DiffusionPipeline
 
-    trainer = train.train_sd if name == "sd" else train.train_pixart
+    trainer = {"sd": train.train_sd, "pixart": train.train_pixart, "sd3": train.train_sd3}[name]
     pipe, report = trainer(vae, 0, **FEW)
     again, _ = trainer(vae, 0, **FEW)
     denoiser = "unet" if name == "sd" else "transformer"
@@ -45,7 +45,7 @@ def test_denoiser_training_repeats_and_saves_a_pipeline_that_runs_gated(name, va
     assert np.isfinite(report.final_loss)
 
     train.save_pipeline(pipe, tmp_path / name)
-    loaded = DiffusionPipeline.from_pretrained(tmp_path / name)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / name, **WITHOUT.get(name, {}))
     loaded.set_progress_bar_config(disable=True)
     call = {**MICRO_CALL[name], "num_inference_steps": 4}
     ungated = loaded(["a small red circle on the left"], generator=torch.Generator().manual_seed(0), output_type="np", **call).images

@@ -10,6 +10,7 @@ import torch
 from tgate_kernels.tools import cli
 from tgate_kernels.tools.micro import quality
 from tgate_kernels.tools.micro.adherence import MICRO_CALL
+from tgate_kernels.tools.micro.diffusers_caches import DIFFUSERS_CACHES
 from tgate_kernels.tools.micro.quality_report import pareto_verdicts, render
 from tgate_kernels.config import AutoGate
 
@@ -23,8 +24,12 @@ def sd_rows():
 
 def test_every_variant_is_measured_against_the_ungated_images(sd_rows):
     by_variant = {row.variant: row for row in sd_rows}
-    assert list(by_variant) == ["ungated", "ungated, other seeds", "gate 4", "gate 8", "gate 4 + DeepCache",
-                                "gate 8 + DeepCache", "auto", "CFG truncated at 4", "CFG truncated at 8"]
+    assert list(by_variant) == ["ungated", "ungated, other seeds", "gate 4", "gate 8", "gate 4, prompt's own",
+                                "gate 8, prompt's own", "gate 4 + DeepCache", "gate 8 + DeepCache", "auto",
+                                "CFG truncated at 4", "CFG truncated at 8"]
+    # keeping the prompt's part with its own cache costs what the reference's choice costs
+    assert by_variant["gate 4, prompt's own"].macs_ratio == by_variant["gate 4"].macs_ratio
+    assert by_variant["gate 4, prompt's own"].psnr != by_variant["gate 4"].psnr
     ungated = by_variant["ungated"]
     assert (ungated.macs_ratio, ungated.ssim, ungated.fid, ungated.psnr) == (1.0, 1.0, 0.0, None)
     assert all(row.images == len(SMALL.prompts) for row in sd_rows)
@@ -106,8 +111,16 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pixart" in printed and "auto" in printed
     data = json.loads((out / "quality.json").read_text())
-    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "auto", "CFG truncated at 8"]
+    caches = [cache.variant for cache in DIFFUSERS_CACHES]
+    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "gate 8, prompt's own", "auto",
+                                                        "CFG truncated at 8", *caches]
     assert "CFG truncated at 8" in printed
+    # diffusers' caches, applied to fresh pipelines, skip work; a higher threshold skips more
+    by_variant = {row["variant"]: row for row in data["rows"]}
+    assert all(by_variant[variant]["macs_ratio"] < 1.0 and by_variant[variant]["kind"] == "diffusers-cache" for variant in caches)
+    first_block = [by_variant[f"FirstBlockCache {threshold}"]["macs_ratio"] for threshold in ("0.05", "0.1", "0.2")]
+    assert first_block == sorted(first_block, reverse=True)
+    assert f"{caches[0]} (" in printed, "each cache gets a verdict against T-GATE at its MACs"
     assert data["auto_overhead"][0]["model"] == "pixart"
     assert (out / "quality.png").stat().st_size > 0 and (out / "quality.md").read_text().count("pixart") >= 4
 

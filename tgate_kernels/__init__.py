@@ -5,7 +5,7 @@ a gate step, drop classifier-free guidance after it and cache self-attention on 
 """
 
 from .api import disable, enable, enabled, is_enabled, view
-from .config import AutoGate, CompileOptions, DeepCacheOptions, KernelMode, KeptPart, TgateConfig
+from .config import AutoGate, CompileOptions, DeepCacheOptions, GateCache, KernelMode, KeptPart, TgateConfig
 from .engine.generation import ConcurrentGenerationError
 from .engine.guidance import GuidanceNotRecognised
 from .loaders import (
@@ -38,6 +38,7 @@ __all__ = [
     "CompileOptions",
     "DeepCacheOptions",
     "KernelMode",
+    "GateCache",
     "KeptPart",
     "GuidanceNotRecognised",
     "ConcurrentGenerationError",

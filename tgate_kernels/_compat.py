@@ -177,6 +177,14 @@ def cache_context_name(manager) -> str | None:
     return getattr(context, "name", context)
 
 
+def open_cache_context(module: torch.nn.Module, name: str) -> None:
+    """What ``CacheMixin.cache_context(name)`` sets, for a denoiser class without ``CacheMixin``
+    whose pipeline opens no context (diffusers' block caches need one)."""
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(module, CacheContext(name))
+
+
 # --------------------------------------------------------------------------------------------
 # accelerate's forward wrappers
 # --------------------------------------------------------------------------------------------

@@ -76,6 +76,14 @@ class KeptPart(_DocumentedChoice):
     CONDITIONAL = ("conditional", "the prompt's part")
 
 
+class GateCache(_DocumentedChoice):
+    """What the gate step caches of the prompt's and the negative prompt's outputs, which the
+    steps after it reuse."""
+
+    MEAN = ("mean", "their mean, as the reference caches cross-attention")
+    KEPT_PART = ("kept-part", "the output of the part that runs after the gate (kept_part) alone")
+
+
 @dataclass(frozen=True)
 class AutoGate:
     """How ``gate_step="auto"`` chooses the gate of each generation: at the first step, between
@@ -215,6 +223,10 @@ class TgateConfig:
             (the reference's choice) or ``"conditional"``.
         compile: ``torch.compile`` of every denoiser, T-GATE-aware (:class:`CompileOptions`, a dict
             of its fields, ``True`` for inductor with freezing), or ``None`` for eager.
+        gate_cache: what the gate step caches for the steps after it, of the prompt's and the
+            negative prompt's outputs of every attention it caches (cross-attention, a joint
+            attention's text stream, self-attention): ``"mean"`` (the reference) or
+            ``"kept-part"`` (the part that runs after the gate keeps its own).
 
     Options may be given in any of the spellings above; the config holds them normalised, so two
     spellings of one setting make equal configs.
@@ -230,6 +242,7 @@ class TgateConfig:
     kernels: KernelMode = KernelMode.AUTO
     kept_part: KeptPart = KeptPart.AUTO
     compile: CompileOptions | None = None
+    gate_cache: GateCache = GateCache.MEAN
 
     def __post_init__(self) -> None:
         normalised = dict(
@@ -239,6 +252,7 @@ class TgateConfig:
             kernels=choose("kernels", self.kernels, KernelMode),
             kept_part=choose("kept_part", self.kept_part, KeptPart),
             compile=CompileOptions.from_option(self.compile),
+            gate_cache=choose("gate_cache", self.gate_cache, GateCache),
         )
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -308,6 +322,7 @@ class TgateConfig:
             "kernels": self.kernels.value,
             "kept_part": self.kept_part.value,
             "compile": None if self.compile is None else dataclasses.asdict(self.compile),
+            "gate_cache": self.gate_cache.value,
         }
 
     @classmethod

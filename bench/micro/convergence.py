@@ -1,6 +1,9 @@
-"""Does cross-attention converge early in the micro pipelines?  (T-GATE's premise.)
+"""Does cross-attention converge early in the micro pipelines?  (T-GATE's premise.)  And the
+text stream of the joint-attention one (micro SD3)?
 
 Forward hooks on every attention module of the denoiser whose ``is_cross_attention`` is True
+(micro SD, micro PixArt), or on every text-stream module T-GATE freezes after the gate (micro
+SD3: each dual-stream block's text q/k/v and output projections and text feed-forward),
 record its output at each denoising step of one guided generation of all ``EVAL_PROMPTS``; the
 relative change from one step to the next, ||A_t - A_{t-1}|| / ||A_{t-1}|| (per image, then
 averaged over the images), is plotted per layer with the mean over layers, and tabulated in a
@@ -19,26 +22,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tgate_kernels.engine.attention_modules import text_stream_modules
 from tgate_kernels.tools.micro.adherence import MICRO_CALL, load_micro_pipeline
 from tgate_kernels.tools.micro.world import EVAL_PROMPTS
 
-PIPELINES = ("sd", "pixart")
+PIPELINES = ("sd", "pixart", "sd3")
+JOINT_ATTENTION = frozenset({"sd3"})
 # Steps over which "early" and "late" change are averaged in the summary.
 EARLY, LATE = slice(0, 4), slice(-8, None)
 
 
 def relative_changes(name: str, seed: int) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Per cross-attention layer, the mean relative change of its output at each step after the
+    """Per cross-attention layer (text-stream module), the mean relative change of its output at each step after the
     first, and the timesteps of the generation."""
     pipe = load_micro_pipeline(name)
     denoiser = pipe.unet if name == "sd" else pipe.transformer
+    if name in JOINT_ATTENTION:
+        watched = [(module.name, module.module) for module in text_stream_modules(denoiser)]
+    else:
+        watched = [(layer, module) for layer, module in denoiser.named_modules() if getattr(module, "is_cross_attention", False)]
     outputs: dict[str, list[torch.Tensor]] = {}
     handles = []
-    for layer, module in denoiser.named_modules():
-        if getattr(module, "is_cross_attention", False):
-            outputs[layer] = []
-            hook = lambda _module, _inputs, output, calls=outputs[layer]: calls.append(output.detach().clone())
-            handles.append(module.register_forward_hook(hook))
+    for layer, module in watched:
+        outputs[layer] = []
+        hook = lambda _module, _inputs, output, calls=outputs[layer]: calls.append(output.detach().clone())
+        handles.append(module.register_forward_hook(hook))
     try:
         generator = torch.Generator().manual_seed(seed)
         pipe(list(EVAL_PROMPTS), generator=generator, output_type="np", **MICRO_CALL[name])
@@ -69,7 +77,8 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: Path) -> None:
         axis.set_yscale("log")
         axis.set_xlabel("denoising step t")
         axis.set_ylabel("||A_t - A_{t-1}|| / ||A_{t-1}||")
-        axis.set_title(f"micro {name}: cross-attention output change per step")
+        what = "text-stream" if name in JOINT_ATTENTION else "cross-attention"
+        axis.set_title(f"micro {name}: {what} output change per step")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=5.5, loc="upper right")
     figure.tight_layout()
@@ -79,14 +88,17 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 def markdown(results: dict[str, dict[str, np.ndarray]], timesteps: dict[str, list[int]], command: str, seconds: float) -> str:
     call = MICRO_CALL["sd"]
     lines = [
-        "# Cross-attention convergence in the micro pipelines",
+        "# Cross-attention and text-stream convergence in the micro pipelines",
         "",
         "T-GATE caches cross-attention after a gate step because, in trained text-to-image models, its output",
-        "stops changing early in sampling.  This checks that the micro pipelines (trained by",
-        "`tgate-kernels train-micro`, shipped in `tgate_kernels/tools/micro/weights/`) show that: the relative",
-        "change ||A_t - A_{t-1}|| / ||A_{t-1}|| of every cross-attention output (modules with",
-        "`is_cross_attention`), per image and averaged over the 48 `EVAL_PROMPTS`, over one generation of",
-        f"{call['num_inference_steps']} DDIM steps with guidance {call['guidance_scale']} (`MICRO_CALL`), seed 0.",
+        "stops changing early in sampling; in a joint-attention model it freezes the text stream instead.  This",
+        "checks that the micro pipelines (trained by `tgate-kernels train-micro`, shipped in",
+        "`tgate_kernels/tools/micro/weights/`) show that: the relative change ||A_t - A_{t-1}|| / ||A_{t-1}|| of",
+        "every cross-attention output (modules with `is_cross_attention`: micro SD, micro PixArt) and of every",
+        "text-stream module T-GATE freezes (each dual-stream block's `add_q_proj`, `add_k_proj`, `add_v_proj`,",
+        "`to_add_out` and `ff_context`: micro SD3), per image and averaged over the 48 `EVAL_PROMPTS`, over one",
+        f"generation of {call['num_inference_steps']} steps (DDIM for SD and PixArt, flow-matching Euler for SD3) with",
+        f"guidance {call['guidance_scale']} (`MICRO_CALL`), seed 0.",
         "",
         "![convergence](cross_attention_convergence.png)",
         "",
@@ -102,7 +114,8 @@ def markdown(results: dict[str, dict[str, np.ndarray]], timesteps: dict[str, lis
         lines += [
             f"## {name}",
             "",
-            f"{len(changes)} cross-attention layers.  Mean over layers at step t (t = 1 is the change from step 0 to 1):",
+            f"{len(changes)} {'text-stream modules' if name in JOINT_ATTENTION else 'cross-attention layers'}.  "
+            "Mean over them at step t (t = 1 is the change from step 0 to 1):",
             "",
             "| step t | timestep | mean change |",
             "|---:|---:|---:|",

@@ -33,6 +33,10 @@ class AttentionKind(enum.Enum):
     TEXT = "text stream"
     """A module of a joint-attention block's text stream (its q/k/v and output projections, its
     feed-forward): how the prompt reaches the image there, scheduled as cross-attention is."""
+    JOINT = "joint"
+    """The joint attention of a dual- or single-stream block (image and text tokens attending
+    together), scheduled as self-attention is: its image and text outputs are cached together.
+    The text stream's work inside it is frozen after the gate as :attr:`TEXT`."""
 
 
 _CROSS_PLACES = frozenset({"attn2", "cross_attn", "cross_attention", "attn_cross"})
@@ -142,13 +146,22 @@ def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
 
 def hookable_attentions(denoiser: torch.nn.Module, text_streams: bool = False) -> list[HookableAttention]:
     """Every attention of ``denoiser`` T-GATE caches, in module order (with ``text_streams``,
-    the text-stream modules of its joint-attention blocks too; the attention inside a
-    single-stream block or a text refiner is then theirs, not a self-attention of its own)."""
+    the joint attentions of dual-stream blocks and the text-stream modules of every
+    joint-attention block too; the attention inside a single-stream block or a text refiner is
+    then theirs, not a self-attention of its own)."""
     streams = text_stream_modules(denoiser) if text_streams else []
     # the attention inside a single-stream block or a text refiner is part of the text stream's work
     blocks = tuple(f"{a.name}." for a in streams)
+    # ... but a single-stream block's attention is its joint attention, scheduled as a dual-stream block's
+    single_stream_attentions = {f"{a.name}.{a.single_stream.attention}" for a in streams if a.single_stream is not None}
     found = []
     for name, module in denoiser.named_modules():
+        if name in single_stream_attentions or (
+            text_streams and is_attention(module) and is_joint_attention(module) and not name.startswith(blocks)
+        ):
+            if not adds_own_residual(module):
+                found.append(HookableAttention(name, module, AttentionKind.JOINT))
+            continue
         kind = attention_kind(module, name.rpartition(".")[2])
         if kind is not None and not name.startswith(blocks):
             found.append(HookableAttention(name, module, kind))

@@ -24,7 +24,7 @@ from .autogate import AutoGateListener
 from .configuration import Configuration
 from .deepcache import DeepCacheCoordinator
 from .guided_arguments import GuidedArguments
-from ..hooks.attention_cache import AttentionCacheHook
+from ..hooks.attention_cache import AttentionCacheHook, JointAttentionCacheHook
 from ..hooks.base import COPY_REFUSAL, PICKLE_REFUSAL, TgateHook
 from ..hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from ..hooks.denoiser import DenoiserHook
@@ -90,6 +90,8 @@ class TgateController:
                         )
                         for module, tap in cache.taps(attention.module):
                             self._attach(module, tap)
+                    elif attention.kind is AttentionKind.JOINT:
+                        cache = JointAttentionCacheHook(self.state, denoiser.attribute, plan_as_data, attention.name)
                     else:
                         cache = AttentionCacheHook(
                             self.state, denoiser.attribute, attention.cross, plan_as_data, attention.name,

@@ -17,17 +17,24 @@ import torch
 from .. import _compat
 from ..engine import plan_data
 from ..engine.guidance import MERGED, NEGATIVE, PROMPT, TEXT_PAIR, DenoiserCall, Mode
+from ..config import GateCache
 from ..schedule import AttentionAction
 from ..engine.generation import GenerationState
 from .base import TgateHook
 
 
-def merge_text_pair(output: torch.Tensor, parts: tuple[str, ...]) -> tuple[torch.Tensor, tuple[str, ...]]:
+def merge_text_pair(
+    output: torch.Tensor, parts: tuple[str, ...], kept_alone: str | None = None,
+) -> tuple[torch.Tensor, tuple[str, ...]]:
     """``output`` of a call carrying ``parts`` with the prompt and negative-prompt rows replaced by
-    their mean (the reference's ``(first + second) / 2``), and the parts that now lay it out."""
+    their mean (the reference's ``(first + second) / 2``; with ``kept_alone``, by that part's
+    rows), and the parts that now lay it out."""
     chunks = output.chunk(len(parts))
     first, second = sorted((parts.index(NEGATIVE), parts.index(PROMPT)))
-    merged = (chunks[first] + chunks[second]) / 2
+    if kept_alone is not None:
+        merged = chunks[parts.index(kept_alone)]
+    else:
+        merged = (chunks[first] + chunks[second]) / 2
     runs, pieces = [], []
     for part, chunk in zip(parts, chunks):
         if part not in TEXT_PAIR:
@@ -46,24 +53,27 @@ class PartCache:
         self._entries: list[tuple[tuple[str, ...], torch.Tensor]] = []
         self._gate_step: int | None = None
         self._text_parts: dict[str, torch.Tensor] = {}
+        self._kept_alone: str | None = None
 
     def clear(self) -> None:
         self._entries = []
         self._gate_step = None
         self._text_parts = {}
+        self._kept_alone = None
 
     def store(self, output: torch.Tensor, parts: tuple[str, ...]) -> None:
         self._entries = [(p, t) for p, t in self._entries if not set(p) & set(parts)]
         self._entries.append((parts, output))
 
-    def store_at_gate(self, output: torch.Tensor, parts: tuple[str, ...], step: int) -> None:
-        """Cache at the gate: the text pair's parts become their mean, the merged part; what was
-        cached before the gate goes."""
+    def store_at_gate(self, output: torch.Tensor, parts: tuple[str, ...], step: int, kept_alone: str | None = None) -> None:
+        """Cache at the gate: the text pair's parts become their mean (or, with ``kept_alone``,
+        that part's output), the merged part; what was cached before the gate goes."""
         if self._gate_step != step:
             self.clear()
             self._gate_step = step
+        self._kept_alone = kept_alone
         if all(part in parts for part in TEXT_PAIR):
-            self.store(*merge_text_pair(output, parts))
+            self.store(*merge_text_pair(output, parts, kept_alone))
         elif len(parts) == 1 and parts[0] in TEXT_PAIR:
             # separate calls bring one part each: the mean is taken when it is first needed
             self._text_parts[parts[0]] = output
@@ -85,7 +95,9 @@ class PartCache:
     def _part(self, part: str, running: tuple[str, ...] = ()) -> torch.Tensor | None:
         if part == MERGED and self._text_parts:
             seen = [self._text_parts[p] for p in TEXT_PAIR if p in self._text_parts]
-            if len(seen) == 2 and seen[0].shape != seen[1].shape:
+            if self._kept_alone in self._text_parts:
+                seen = [self._text_parts[self._kept_alone]]
+            elif len(seen) == 2 and seen[0].shape != seen[1].shape:
                 # a joint-attention text stream over texts of different lengths (Qwen-Image drops
                 # the padding): no mean exists, the part that runs after the gate keeps its own
                 kept = next((p for p in running if p in self._text_parts), None)
@@ -193,12 +205,21 @@ class AttentionCacheHook(TgateHook):
             observer((id(self), call.run, call.runs), call.runs, self.observed(output))
         if action is AttentionAction.CACHE:
             if plan.average_cfg_halves:
-                self.cache_of(call).store_at_gate(self.kept_of(output), call.runs, plan.step)
+                self.cache_of(call).store_at_gate(self.kept_of(output), call.runs, plan.step, self._kept_alone())
             else:
                 self.cache_of(call).store(self.kept_of(output), call.runs)
         elif keeps:
             self.cache_of(call).store(self.kept_of(output), call.runs)
         return self.returned(output)
+
+    def _kept_alone(self) -> str | None:
+        """The part whose output the gate caches alone (``gate_cache="kept-part"``), or ``None``
+        for the mean of the text pair."""
+        config = self.state.config
+        if config is None or config.gate_cache is not GateCache.KEPT_PART:
+            return None
+        layout = self.state.guidance.layout
+        return None if layout is None else layout.kept
 
     # -- what is cached and how it is reused (a subclass caching part of a module's work overrides these)
 
@@ -246,27 +267,54 @@ class AttentionCacheHook(TgateHook):
             return self.returned(output)
         output = self.computed(self.cross, args, kwargs)
         if data.after_gate:
-            kept = self._buffer("after", output)
-            result = torch.where(reuse_self, kept, output)
-            kept.copy_(torch.where(store_self, output, kept))
+            computed = self.kept_of(output)
+            kept = self._buffer("after", computed)
+            result = self.reused(torch.where(reuse_self, kept, computed), args, kwargs)
+            kept.copy_(torch.where(store_self, computed, kept))
             return result
         result = self.returned(output)
         if not self.cross:
-            before = self._buffer("before", output)
-            result = torch.where(reuse_self, before, output)
-            before.copy_(torch.where(store_self, output, before))
+            computed = self.kept_of(output)
+            result = self.reused(self._self_before_gate(computed, call, reuse_self, store_self, flags[plan_data.FIRST_PART]), args, kwargs)
         self._keep_at_gate(self.kept_of(output), call, flags[plan_data.GATE], flags[plan_data.FIRST_PART])
         return result
 
+    def _self_before_gate(
+        self, computed: torch.Tensor, call: DenoiserCall, reuse: torch.Tensor, store: torch.Tensor, first: torch.Tensor,
+    ) -> torch.Tensor:
+        """Self-attention before the gate: the output cached at the last caching step where the plan
+        reuses, else the one computed (cached where the plan says)."""
+        layout = self.state.guidance.layout
+        if not (layout is not None and layout.mode is Mode.SEPARATE and call.parts[0] in TEXT_PAIR):
+            before = self._buffer("before", computed)
+            result = torch.where(reuse, before, computed)
+            before.copy_(torch.where(store, computed, before))
+            return result
+        # one guidance part per call: each part keeps its own output (the first call's and the
+        # second's, chosen by a flag so one graph serves both)
+        shape = "x".join(map(str, computed.shape))
+        mine, other = self._buffer(f"before-first-{shape}", computed), self._buffer(f"before-second-{shape}", computed)
+        result = torch.where(reuse, torch.where(first, mine, other), computed)
+        mine.copy_(torch.where(store & first, computed, mine))
+        other.copy_(torch.where(store & ~first, computed, other))
+        return result
+
     def _keep_at_gate(self, output: torch.Tensor, call: DenoiserCall, gate: torch.Tensor, first: torch.Tensor) -> None:
-        """At the gate, what the steps after it reuse: the mean over the text pair."""
+        """At the gate, what the steps after it reuse: the mean over the text pair (or the kept
+        part's own, ``gate_cache="kept-part"``)."""
         parts = call.parts
         layout = self.state.guidance.layout
         if all(part in parts for part in TEXT_PAIR):
-            merged, _ = merge_text_pair(output, parts)
+            merged, _ = merge_text_pair(output, parts, self._kept_alone())
             kept = self._buffer("after", merged)
             kept.copy_(torch.where(gate, merged, kept))
         elif layout is not None and layout.mode is Mode.SEPARATE and parts[0] in TEXT_PAIR:
+            kept_alone = self._kept_alone()
+            if kept_alone is not None:
+                if parts[0] == kept_alone:
+                    kept = self._buffer("after", output)
+                    kept.copy_(torch.where(gate, output, kept))
+                return
             # one part per call: the first call's output waits for the second's
             held = self._buffer("held", output)
             if held.shape != output.shape:
@@ -282,3 +330,34 @@ class AttentionCacheHook(TgateHook):
             kept.copy_(torch.where(gate, output, kept))
 
 _compat.diffusers_hook(AttentionCacheHook, stateful=True)
+
+
+class JointAttentionCacheHook(AttentionCacheHook):
+    """Caches a dual-stream block's joint attention as self-attention: its image and text outputs
+    side by side along the rows, one tensor, so that the mean over the guidance parts at the gate
+    and the compiled path's buffers are :class:`AttentionCacheHook`'s."""
+
+    name = "tgate_joint_attention_cache"
+
+    def __init__(self, state: GenerationState, denoiser: str, plan_as_data: bool = False, module_name: str = "") -> None:
+        super().__init__(state, denoiser, cross=False, plan_as_data=plan_as_data, module_name=module_name)
+        self._image_rows: int | None = None
+        """The image rows of the outputs cached (the text rows follow them)."""
+
+    def reset_state(self, module):
+        self._image_rows = None
+        return super().reset_state(module)
+
+    def kept_of(self, output) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return output
+        image, text = output
+        self._image_rows = image.shape[1]
+        return torch.cat([image, text.to(image.dtype)], dim=1)
+
+    def reused(self, cached: torch.Tensor, args: tuple, kwargs: dict):
+        if self._image_rows is None:
+            return cached
+        return cached[:, : self._image_rows], cached[:, self._image_rows :]
+
+_compat.diffusers_hook(JointAttentionCacheHook, stateful=True)

@@ -28,7 +28,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import api
-from ..config import TgateConfig
+from ..config import GateCache, TgateConfig
 from ..engine.attention_modules import hookable_attentions
 from ..schedule import StepPlan, plan_generation, plan_step
 from .batched_attention import BatchedAttention, BatchPlan, RowSegment
@@ -94,6 +94,11 @@ class StepBatcher:
         if config.auto or config.deepcache is not None or config.compile is not None:
             raise ValueError(
                 f"`config` of a step batcher takes fixed gates only, without DeepCache or compile; got {config!r}"
+            )
+        if config.gate_cache is not GateCache.MEAN:
+            raise ValueError(
+                f"`config.gate_cache` of a step batcher must be 'mean' (what its requests cache at their gates), got "
+                f"{config.gate_cache.value!r}"
             )
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
             raise ValueError(f"`max_rows` must be an integer >= 2 (a guided request takes two rows), got {max_rows!r}")

@@ -137,9 +137,24 @@ class ForwardBreakdown:
     total: MacsCount
     self_attention: MacsCount
     cross_attention: MacsCount
+    nested: MacsCount = ZERO
+    """Work counted in both: text-stream modules inside a joint attention (its text projections,
+    a single-stream block's text rows of its attention's projections). A step reusing both kinds
+    skips it once."""
 
     def attention(self, cross: bool) -> MacsCount:
         return self.cross_attention if cross else self.self_attention
+
+    def reused(self, self_attention: bool, cross_attention: bool) -> MacsCount:
+        """What a step skips when it reuses the self- and/or the cross-attention kind."""
+        skipped = ZERO
+        if self_attention:
+            skipped = skipped + self.self_attention
+        if cross_attention:
+            skipped = skipped + self.cross_attention
+        if self_attention and cross_attention:
+            skipped = skipped - self.nested
+        return skipped
 
 
 def forward_breakdown(arch: Architecture, resolution: int | None = None, denoiser: torch.nn.Module | None = None) -> ForwardBreakdown:
@@ -162,7 +177,9 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
         for watch in watches:
             watch.remove()
     parts = {False: ZERO, True: ZERO}
+    nested = ZERO
     total = ZERO
+    self_paths = tuple(f"{path}." for path, cross in attention_kind.items() if not cross)
     for qualified_name, op_flops in counter.get_flop_counts().items():
         if qualified_name == "Global":
             total = macs_from_op_flops(op_flops)
@@ -171,10 +188,19 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
         _, _, path = qualified_name.partition(".")
         if path in row_layers:
             text, rows = row_layers[path]
-            parts[True] += MacsCount(macs_from_op_flops(op_flops).total * text // rows, 0)
+            share = MacsCount(macs_from_op_flops(op_flops).total * text // rows, 0)
         elif path in attention_kind:
-            parts[attention_kind[path]] += macs_from_op_flops(op_flops)
-    return ForwardBreakdown(total=total, self_attention=parts[False], cross_attention=parts[True])
+            share = macs_from_op_flops(op_flops)
+            parts[attention_kind[path]] += share
+            if attention_kind[path] and path.startswith(self_paths):
+                nested += share
+            continue
+        else:
+            continue
+        parts[True] += share
+        if path.startswith(self_paths):
+            nested += share
+    return ForwardBreakdown(total=total, self_attention=parts[False], cross_attention=parts[True], nested=nested)
 
 
 def _watch_row_layers(row_layers: dict[str, tuple[int, int]], attention) -> list:
@@ -225,11 +251,11 @@ def planned_generation_macs(
     cached = {False: False, True: False}
     total = ZERO
     for plan in plan_generation(settings, steps):
-        step = breakdown.total
+        reused = {}
         for cross, action in ((False, plan.self_attention), (True, plan.cross_attention)):
-            if action is AttentionAction.REUSE and cached[cross]:
-                step = step - breakdown.attention(cross)
-            elif action is AttentionAction.CACHE:
+            reused[cross] = action is AttentionAction.REUSE and cached[cross]
+            if action is AttentionAction.CACHE:
                 cached[cross] = True
+        step = breakdown.total - breakdown.reused(reused[False], reused[True])
         total = total + step * (parts if plan.cfg_batch else min(parts, parts_after_gate))
     return total

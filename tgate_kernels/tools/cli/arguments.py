@@ -189,7 +189,8 @@ def resolve_dtype_with_reason(name: str, device: str, fast_cpu_dtype: bool = Fal
 # ------------------------------------------------------------------------------------------
 
 _FLAGS = {"gate_step": "--gate-step", "sp_interval": "--sp-interval", "fi_interval": "--fi-interval",
-          "warm_up": "--warm-up", "deepcache": "--deepcache", "compile": "--compile", "auto_gate": "--auto-gate"}
+          "warm_up": "--warm-up", "deepcache": "--deepcache", "compile": "--compile", "auto_gate": "--auto-gate",
+          "gate_cache": "--gate-cache"}
 
 
 def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
@@ -224,6 +225,9 @@ def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
                      help="after the gate, the same interval (1: computed every step)")
     sub.add_argument("--warm-up", type=non_negative_int, default=2,
                      help="steps at the start that compute self-attention before it is first cached")
+    sub.add_argument("--gate-cache", choices=("mean", "kept-part"), default="mean",
+                     help="what the gate step caches of the prompt's and negative prompt's outputs: their mean (the "
+                          "reference) or the part that runs after the gate alone")
     sub.add_argument("--deepcache", type=deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")
     sub.add_argument("--device", type=device, default=None,
                      help="auto, cpu, cuda or cuda:N (default: the process's device under accelerate, else cuda when present)")
@@ -247,7 +251,7 @@ def tgate_config(args: argparse.Namespace, parser: argparse.ArgumentParser, gate
     try:
         return TgateConfig(gate_step=gate, sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up,
                            deepcache=args.deepcache, compile=getattr(args, "compile", False),
-                           auto_gate=getattr(args, "auto_gate", None))
+                           auto_gate=getattr(args, "auto_gate", None), gate_cache=args.gate_cache)
     except (TypeError, ValueError) as error:
         parser.error(as_flags(str(error)))
 

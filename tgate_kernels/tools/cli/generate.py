@@ -9,6 +9,7 @@ import inspect
 import os
 import sys
 
+from ...config import TgateConfig
 from . import arguments
 
 SUMMARY = ("generate images with T-GATE: one prompt, or a prompts file into a folder (resumable, "
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     folder = OutputFolder(os.path.dirname(os.path.abspath(args.out)) if single_file else args.out, args.image_quality)
     if not single_file:
         try:
-            folder.check_run(settings)
+            folder.check_run(settings, _as_of_now)
         except FolderError as error:
             parser.error(str(error))
     pipe = arguments.load_or_exit(args, parser, device)
@@ -147,6 +148,15 @@ def _run_job_in_folder(args, pipe, tasks, folder, settings: dict, state) -> int:
     elif state.is_main_process and summary.missing:
         print(f"{summary.missing} images of the job are missing: run the same command again to make them", file=sys.stderr)
     return 1 if summary.missing else 0
+
+
+def _as_of_now(previous: dict) -> dict:
+    """A job's ``run.json`` with the T-GATE settings added since it was written at their defaults
+    (which do what the version that wrote it did)."""
+    stored = previous.get("tgate")
+    if not isinstance(stored, dict):
+        return previous
+    return {**previous, "tgate": {**TgateConfig().to_dict(), **stored}}
 
 
 def _job_identity(args: argparse.Namespace, rows, config, device: str) -> dict:

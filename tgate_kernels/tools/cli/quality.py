@@ -14,12 +14,12 @@ def add_parser(commands) -> None:
         "quality",
         help="image quality of T-GATE on the micro world's trained pipelines: adherence, PSNR, SSIM, FID, MACs",
         description="Generate the micro world's evaluation prompts with the shipped micro pipelines without T-GATE and "
-                    "with fixed gates, fixed gates with DeepCache, gate_step=auto and CFG truncation at the same gates, and report prompt adherence (read "
+                    "with fixed gates, fixed gates with DeepCache, gate_step=auto, CFG truncation at the same gates and diffusers' own caches, and report prompt adherence (read "
                     "back by the micro classifier), PSNR and SSIM against the ungated images, FID on the classifier's "
                     "features and the MACs ratio, with a Pareto plot. Nothing is downloaded.",
         formatter_class=arguments.HelpFormatter,
     )
-    quality.add_argument("--models", type=arguments.name_list, default=["sd", "pixart"], help="comma-separated micro pipelines: sd, pixart")
+    quality.add_argument("--models", type=arguments.name_list, default=["sd", "pixart", "sd3"], help="comma-separated micro pipelines: sd, pixart, sd3")
     quality.add_argument("--gates", type=arguments.int_list, default=None, help="comma-separated fixed gate steps of the 20 (default 2,4,...,16)")
     quality.add_argument("--images-per-prompt", type=arguments.positive_int, default=4, help="seeds per evaluation prompt (48 prompts)")
     quality.add_argument("--batch-size", type=arguments.positive_int, default=8, help="images per pipeline call (auto decides once per call)")
@@ -28,6 +28,11 @@ def add_parser(commands) -> None:
     quality.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="skip the DeepCache series")
     quality.add_argument("--no-cfg-truncation", dest="cfg_truncation", action="store_false",
                          help="skip the CFG-truncation series (guidance dropped at each gate, nothing cached)")
+    quality.add_argument("--no-prompt-part", dest="prompt_part", action="store_false",
+                         help="skip the series keeping the prompt's part after the gate with its own cached outputs "
+                              "(kept_part=conditional, gate_cache=kept-part)")
+    quality.add_argument("--no-diffusers-caches", dest="diffusers_caches", action="store_false",
+                         help="skip diffusers' own caches (FirstBlockCache, Pyramid Attention Broadcast) on the transformers")
     quality.add_argument("--no-plot", dest="plot", action="store_false")
     quality.add_argument("--out", default=os.path.join("bench", "out", "quality"), help="folder for quality.json, quality.md, quality.png")
     quality.set_defaults(handler=run)
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"argument --gates: {','.join(map(str, gates))} must each be between 1 and {steps - 1} (the micro pipelines run {steps} steps)")
     settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                                seed=args.seed, deepcache=args.deepcache, cfg_truncation=args.cfg_truncation,
+                               prompt_part=args.prompt_part, diffusers_caches=args.diffusers_caches,
                                auto_gate=args.auto_gate)
     rows, overheads = [], []
     for name in args.models:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Callable, Iterable
 
 RUN_FILE = "run.json"
 _FORMATS = {".jpg": "JPEG", ".webp": "WEBP"}
@@ -33,12 +33,16 @@ class OutputFolder:
         self.image_quality = image_quality
         """JPEG/WebP quality of the images saved (PNG is lossless)."""
 
-    def check_run(self, settings: dict) -> None:
-        """Refuse a folder that holds another run's images; remember this run's settings."""
+    def check_run(self, settings: dict, as_of_now: Callable[[dict], dict] | None = None) -> None:
+        """Refuse a folder that holds another run's images; remember this run's settings.
+        ``as_of_now`` reads a ``run.json`` written by an earlier version as this one would write it
+        (settings added since, at the defaults that behave as before)."""
         run_file = os.path.join(self.path, RUN_FILE)
         if os.path.exists(run_file):
             with open(run_file, encoding="utf-8") as handle:
                 previous = json.load(handle)
+            if as_of_now is not None:
+                previous = as_of_now(previous)
             differ = sorted(key for key in set(previous) | set(settings) if previous.get(key) != settings.get(key))
             if differ:
                 shown = "; ".join(f"{key}: {previous.get(key)!r} there, {settings.get(key)!r} now" for key in differ[:4])

@@ -31,6 +31,7 @@ from .world import COLOURS, IMAGE_SIZE, POSITIONS, RELATIONS, SHAPES, SIZES, Att
 __all__ = [
     "MICRO_CALL",
     "WEIGHTS",
+    "WITHOUT",
     "IGNORE",
     "AttributeClassifier",
     "adherence",
@@ -43,7 +44,7 @@ __all__ = [
     "save_classifier",
 ]
 
-#: The shipped models: ``sd``, ``pixart`` (diffusers pipeline folders) and ``classifier``.
+#: The shipped models: ``sd``, ``pixart``, ``sd3`` (diffusers pipeline folders) and ``classifier``.
 WEIGHTS = Path(__file__).with_name("weights")
 
 #: Call arguments of the shipped pipelines besides prompts, ``generator`` and ``output_type``.
@@ -62,7 +63,12 @@ MICRO_CALL: dict[str, dict[str, Any]] = {
         "clean_caption": False,
         "max_sequence_length": 16,
     },
+    "sd3": {"num_inference_steps": 20, "guidance_scale": 4.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE},
 }
+
+#: Components a shipped pipeline was saved without, which ``from_pretrained`` must be told of:
+#: micro SD3 has no T5 encoder (its pipeline feeds zeros in its place).
+WITHOUT: dict[str, dict[str, None]] = {"sd3": {"text_encoder_3": None, "tokenizer_3": None}}
 
 # Where the objects are: a lone object's position, or the relation of the two objects of a pair.
 _LAYOUTS: tuple[str, ...] = (*POSITIONS, *RELATIONS)
@@ -231,8 +237,9 @@ def attribute_adherence(
 
 
 def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The shipped micro pipeline ``"sd"`` (StableDiffusionPipeline) or ``"pixart"``
-    (PixArtAlphaPipeline) on ``device`` in ``dtype``, progress bar disabled.
+    """The shipped micro pipeline ``"sd"`` (StableDiffusionPipeline), ``"pixart"``
+    (PixArtAlphaPipeline) or ``"sd3"`` (StableDiffusion3Pipeline) on ``device`` in ``dtype``,
+    progress bar disabled.
 
     Call it with :data:`MICRO_CALL` ``[name]``.
     """
@@ -240,6 +247,6 @@ def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: to
 
     if name not in MICRO_CALL:
         raise ValueError(f"Unknown micro pipeline {name!r}; expected one of: {', '.join(MICRO_CALL)}")
-    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, dtype=dtype, **WITHOUT.get(name, {})).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -15,7 +15,8 @@ each variant: fixed gate steps, fixed gates with DeepCache (UNet pipelines), and
   ``torch.utils.flop_counter.FlopCounterMode`` while they are generated, over the ungated count.
 
 Beside T-GATE, CFG truncation (guidance dropped at the same steps, nothing cached:
-:mod:`.cfg_truncation`) is measured the same way: what T-GATE has to beat at equal MACs.
+:mod:`.cfg_truncation`) and, on the transformers, diffusers' own caches
+(:mod:`.diffusers_caches`) are measured the same way: what T-GATE has to beat at equal MACs.
 
 Attention runs through PyTorch's math backend while counting, so the attention scores are
 counted too (the CPU's fused attention kernel has no FLOP formula); every variant, the ungated one
@@ -44,6 +45,7 @@ from ...config import AutoGate, TgateConfig
 from ...engine.autogate import GateChooser
 from ..benchmarking.fidelity import fidelity
 from .cfg_truncation import CFGTruncation
+from .diffusers_caches import DIFFUSERS_CACHES, applies_to
 from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline
 from .world import EVAL_PROMPTS
 
@@ -57,10 +59,11 @@ OTHER_SEEDS_OFFSET = 1_000_003
 class QualityRow:
     model: str
     variant: str
-    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N + DeepCache``, ``auto`` or
-    ``CFG truncated at N``."""
+    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N, prompt's own``, ``gate N + DeepCache``, ``auto``,
+    ``CFG truncated at N`` or a diffusers cache's setting (``FirstBlockCache 0.1``, ...)."""
     kind: str
-    """``ungated``, ``floor``, ``fixed``, ``deepcache``, ``auto`` or ``cfg-truncation``."""
+    """``ungated``, ``floor``, ``fixed``, ``prompt-part``, ``deepcache``, ``auto``,
+    ``cfg-truncation`` or ``diffusers-cache``."""
     gate_step: float | None
     """The fixed gate, or the mean of the gates ``auto`` chose (``None`` ungated)."""
     adherence: float
@@ -99,6 +102,10 @@ class QualitySettings:
     seed: int = 0
     deepcache: bool = True
     cfg_truncation: bool = True
+    prompt_part: bool = True
+    """Also T-GATE keeping the prompt's part after the gate with its own cached outputs
+    (``kept_part="conditional", gate_cache="kept-part"``) instead of the reference's mean."""
+    diffusers_caches: bool = True
     auto_gate: AutoGate | None = None
     prompts: tuple[str, ...] = EVAL_PROMPTS
 
@@ -170,6 +177,11 @@ def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[s
     """(name, kind, what runs it): a T-GATE configuration, or the step CFG truncation starts at."""
     gates = [gate for gate in settings.gates if gate < steps]
     variants: list[tuple[str, str, TgateConfig | int]] = [(f"gate {gate}", "fixed", TgateConfig(gate_step=gate)) for gate in gates]
+    if settings.prompt_part:
+        variants += [
+            (f"gate {gate}, prompt's own", "prompt-part", TgateConfig(gate_step=gate, kept_part="conditional", gate_cache="kept-part"))
+            for gate in gates
+        ]
     if settings.deepcache and unet:
         variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True)) for gate in gates]
     variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate)))
@@ -220,6 +232,12 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
         chosen = generated.gates_chosen
         gate = (statistics.fmean(chosen) if chosen else None) if kind == "auto" else config.gate_step
         rows.append(row(variant, kind, gate, generated))
+    if settings.diffusers_caches and applies_to(pipe):
+        for cache in DIFFUSERS_CACHES:
+            say(f"{name}: {cache.variant}")
+            cached = load_micro_pipeline(name)  # a cache's hooks stay on the model it was applied to
+            cache.apply(cached)
+            rows.append(row(cache.variant, "diffusers-cache", None, _generate(cached, name, prompts, seeds, settings.batch_size)))
     return rows
 
 

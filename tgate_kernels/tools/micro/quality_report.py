@@ -13,6 +13,7 @@ from .quality import AutoOverhead, QualityRow, QualitySettings, as_json, dominat
 
 _KIND_STYLE = {
     "fixed": dict(marker="o", linestyle="-", color="tab:blue", label="fixed gate"),
+    "prompt-part": dict(marker="v", linestyle="-.", color="tab:brown", label="fixed gate, prompt's part with its own cache"),
     "deepcache": dict(marker="s", linestyle="--", color="tab:green", label="fixed gate + DeepCache"),
     "cfg-truncation": dict(marker="^", linestyle=":", color="tab:orange", label="CFG truncation (nothing cached)"),
 }
@@ -68,10 +69,32 @@ def truncation_verdicts(rows: Sequence[QualityRow]) -> list[str]:
     at least as well, and stay at least as close to the ungated images (FID)?"""
     lines = []
     for truncated in (row for row in rows if row.kind == "cfg-truncation"):
-        cheaper = [row for row in rows if row.model == truncated.model and row.kind == "fixed" and row.macs_ratio <= truncated.macs_ratio]
+        cheaper = [row for row in rows if row.model == truncated.model and row.kind in ("fixed", "prompt-part")
+                   and row.macs_ratio <= truncated.macs_ratio]
         beating = [row for row in cheaper if row.adherence >= truncated.adherence and row.fid <= truncated.fid]
         head = (f"- {truncated.model}: {truncated.variant} ({100 * truncated.adherence:.1f}%, FID {truncated.fid:.2f}, "
                 f"MACs {truncated.macs_ratio:.3f}): ")
+        if beating:
+            best = min(beating, key=lambda row: row.fid)
+            lines.append(head + f"T-GATE {best.variant} is as good or better at fewer MACs "
+                                f"({100 * best.adherence:.1f}%, FID {best.fid:.2f}, MACs {best.macs_ratio:.3f}).")
+        elif cheaper:
+            lines.append(head + "no T-GATE gate at its MACs or fewer matches it on both adherence and FID.")
+        else:
+            lines.append(head + "no T-GATE gate runs at its MACs or fewer.")
+    return lines
+
+
+def cache_verdicts(rows: Sequence[QualityRow]) -> list[str]:
+    """For each diffusers cache: does T-GATE (a fixed gate, with DeepCache or not) at no more MACs
+    read the prompts at least as well and stay at least as close to the ungated images (FID)?"""
+    lines = []
+    for cache in (row for row in rows if row.kind == "diffusers-cache"):
+        cheaper = [row for row in rows if row.model == cache.model and row.kind in ("fixed", "prompt-part", "deepcache")
+                   and row.macs_ratio <= cache.macs_ratio]
+        beating = [row for row in cheaper if row.adherence >= cache.adherence and row.fid <= cache.fid]
+        head = (f"- {cache.model}: {cache.variant} ({100 * cache.adherence:.1f}%, FID {cache.fid:.2f}, "
+                f"MACs {cache.macs_ratio:.3f}): ")
         if beating:
             best = min(beating, key=lambda row: row.fid)
             lines.append(head + f"T-GATE {best.variant} is as good or better at fewer MACs "
@@ -101,6 +124,7 @@ def render(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settin
         "",
         *pareto_verdicts(rows),
         *truncation_verdicts(rows),
+        *cache_verdicts(rows),
         *overhead_lines(overheads),
     ]
     return "\n".join(lines) + "\n"
@@ -128,6 +152,14 @@ def write_plot(rows: Sequence[QualityRow], path: str) -> None:
                     for row in series:
                         axis.annotate(f"{row.gate_step:.0f}", (row.macs_ratio, scale * getattr(row, metric)),
                                       textcoords="offset points", xytext=(4, 4), fontsize=7, color=style["color"])
+            caches = [row for row in mine if row.kind == "diffusers-cache"]
+            if caches:
+                axis.plot([row.macs_ratio for row in caches], [scale * getattr(row, metric) for row in caches], marker="P",
+                          color="tab:purple", linestyle="", label="diffusers' caches")
+                for row in caches:
+                    short = row.variant.replace("FirstBlockCache", "FBC").split(",")[0]
+                    axis.annotate(short, (row.macs_ratio, scale * getattr(row, metric)), textcoords="offset points",
+                                  xytext=(4, -9), fontsize=6, color="tab:purple")
             for row in (row for row in mine if row.kind == "auto"):
                 axis.plot(row.macs_ratio, scale * getattr(row, metric), marker="D", color="tab:red", linestyle="",
                           markersize=9, label=f"auto (mean gate {row.gate_step:.1f})")

@@ -9,11 +9,15 @@ writes up to three folders into ``DIR``:
 * ``pixart``: a :class:`diffusers.PixArtAlphaPipeline`: a small ``PixArtTransformer2DModel``
   (``ada_norm_single``) trained jointly with a small ``T5EncoderModel``, a word-level T5-style
   ``PreTrainedTokenizerFast`` and a DDIM scheduler;
+* ``sd3``: a :class:`diffusers.StableDiffusion3Pipeline`: a small ``SD3Transformer2DModel``
+  (dual-stream joint attention) trained jointly with its two small ``CLIPTextModelWithProjection``
+  encoders (no T5: the pipeline feeds zeros in its place), as a rectified flow sampled by
+  ``FlowMatchEulerDiscreteScheduler``;
 * ``classifier``: the attribute classifier of :mod:`tgate_kernels.tools.micro.adherence`.
 
-Both pipelines share one ``AutoencoderKL`` trained first to reconstruct the 32x32 images from
+The pipelines share one ``AutoencoderKL`` trained first to reconstruct the 32x32 images from
 16x16x4 latents (each pipeline run trains it again from the same seed, so both folders hold the
-same weights).  The denoisers predict noise, are trained with a DDPM noise schedule (Stable
+same weights; ``--vae FOLDER`` takes a trained one instead).  The UNet and PixArt denoisers predict noise, are trained with a DDPM noise schedule (Stable
 Diffusion's) and min-SNR loss weighting, and see 10% empty captions so that classifier-free
 guidance works.  Denoisers and VAEs are stored in float16 (diffusers loads them as float32), text
 encoders in float32 (transformers would keep float16).
@@ -27,6 +31,7 @@ training time, final loss and parameter counts.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -52,11 +57,12 @@ __all__ = [
     "train_classifier",
     "train_pixart",
     "train_sd",
+    "train_sd3",
     "train_vae",
 ]
 
 #: What ``--what`` can name.
-WHAT: tuple[str, ...] = ("sd", "pixart", "classifier")
+WHAT: tuple[str, ...] = ("sd", "pixart", "sd3", "classifier")
 
 # Token positions of the text encoders, BOS/EOS included; captions have at most 9 tokens.
 TEXT_LENGTH = 16
@@ -76,7 +82,7 @@ _T5_PAD, _T5_EOS, _T5_UNK = "<pad>", "</s>", "<unk>"
 _BYTE_LEVEL_SPACE = "\u0120"
 
 # Offsets that give every model its own data and initialisation streams for one ``seed``.
-_STREAMS = {"vae": 1, "sd": 2, "pixart": 3, "classifier": 4, "held-out": 5}
+_STREAMS = {"vae": 1, "sd": 2, "pixart": 3, "classifier": 4, "held-out": 5, "sd3": 6}
 
 
 def _stream(seed: int, part: str) -> int:
@@ -279,6 +285,45 @@ def _pixart_transformer():
     )
 
 
+def _clip_text_encoder_with_projection(tokenizer: Any):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        projection_dim=TEXT_HIDDEN,
+        # SD3 reads the penultimate layer's states and the last layer's pooled projection
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def _sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    # 2x2 patches of the 16x16 latents: 64 image tokens beside 32 text tokens (two CLIPs' 16
+    # positions side by side along the features, then the 16 zero rows standing for T5).
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        num_layers=6,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=2 * TEXT_HIDDEN,
+        caption_projection_dim=64,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=LATENT_SIZE // 2,
+    )
+
+
 def _t5_text_encoder(tokenizer: Any):
     from transformers import T5Config, T5EncoderModel
 
@@ -322,6 +367,13 @@ def _sampling_scheduler(train_scheduler: Any):
         # Unused with "trailing" spacing, but diffusers warns about configs without it.
         steps_offset=1,
     )
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # No timestep shift: at 16x16 latents the noisy half of the schedule needs no extra steps.
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,6 +505,41 @@ def _train_denoiser(
     return _run(name, loss_of_step, modules, steps, lr)
 
 
+def _train_flow(
+    name: str,
+    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    modules: Sequence[torch.nn.Module],
+    tokenizer: Any,
+    vae: Any,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    samples: int,
+    lr: float,
+) -> float:
+    """Rectified-flow training of ``predict(noisy, timesteps, token_ids)``: the velocity
+    ``noise - clean`` at ``sigma``, drawn logit-normal as in SD3's training (most draws in the
+    middle of the schedule, where the layout is decided)."""
+    images, captions, _ = world.dataset(samples, _stream(seed, name))
+    latents = _encode_latents(vae, images)
+    token_ids, _ = _tokenize(tokenizer, captions)
+    empty_ids, _ = _tokenize(tokenizer, [""])
+    generator = torch.Generator().manual_seed(_stream(seed, name))
+
+    def loss_of_step(step: int) -> torch.Tensor:
+        index = torch.randint(len(latents), (batch_size,), generator=generator)
+        dropped = (torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT)[:, None]
+        ids = torch.where(dropped, empty_ids, token_ids[index])
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator))
+        noisy = (1 - sigmas)[:, None, None, None] * clean + sigmas[:, None, None, None] * noise
+        prediction = predict(noisy, sigmas * 1000, ids)
+        return (prediction - (noise - clean)).pow(2).mean()
+
+    return _run(name, loss_of_step, modules, steps, lr)
+
+
 def _round_to_half(*modules: torch.nn.Module) -> None:
     # The weights are shipped in float16: rounding them right after training means that whatever
     # is measured on the returned models holds for the shipped ones.
@@ -538,6 +625,55 @@ def train_pixart(
     return pipe, TrainingReport("pixart", time.perf_counter() - start, steps, batch_size, final_loss, parameters)
 
 
+def train_sd3(
+    vae: Any, seed: int = 0, *, steps: int = 3600, batch_size: int = 128, samples: int = 80000, lr: float = 1e-3
+) -> tuple[Any, TrainingReport]:
+    """A ``StableDiffusion3Pipeline`` whose transformer and two CLIP text encoders are trained jointly."""
+    from diffusers import StableDiffusion3Pipeline
+
+    start = time.perf_counter()
+    tokenizer = clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_stream(seed, "sd3"))
+        transformer = _sd3_transformer()
+        text_encoder = _clip_text_encoder_with_projection(tokenizer)
+        text_encoder_2 = _clip_text_encoder_with_projection(tokenizer)
+
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # What StableDiffusion3Pipeline.encode_prompt builds without a T5 encoder.
+        first, second = text_encoder(ids, output_hidden_states=True), text_encoder_2(ids, output_hidden_states=True)
+        clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        text = torch.cat([clip, torch.zeros_like(clip)], dim=1)
+        pooled = torch.cat([first.text_embeds, second.text_embeds], dim=-1)
+        return transformer(noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=timesteps).sample
+
+    final_loss = _train_flow(
+        "sd3", predict, [transformer, text_encoder, text_encoder_2], tokenizer, vae, seed, steps, batch_size, samples, lr
+    )
+    _round_to_half(transformer)
+    # SD3 pipelines decode `latents / scaling_factor + shift_factor`; the latents were not shifted
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(shift_factor=0.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    parameters = {
+        "transformer": _parameters(transformer),
+        "text_encoder": _parameters(text_encoder),
+        "text_encoder_2": _parameters(text_encoder_2),
+        "vae": _parameters(vae),
+    }
+    return pipe, TrainingReport("sd3", time.perf_counter() - start, steps, batch_size, final_loss, parameters)
+
+
 def _degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Blur, noise and colour shifts of the kind generated images show, so that the classifier
     reads those as reliably as rendered ones."""
@@ -608,6 +744,9 @@ _DESCRIPTIONS = {
     "pixart": "A micro PixArt-alpha pipeline (`diffusers.PixArtAlphaPipeline`) for the micro world "
     "of `tgate_kernels.tools.micro.world`; load it with `tgate_kernels.tools.micro.adherence.load_micro_pipeline(\"pixart\")` "
     "and call it with `MICRO_CALL[\"pixart\"]` (it needs `use_resolution_binning=False` and 32x32).",
+    "sd3": "A micro Stable Diffusion 3 pipeline (`diffusers.StableDiffusion3Pipeline`, no T5 encoder) for the "
+    "micro world of `tgate_kernels.tools.micro.world`; load it with "
+    "`tgate_kernels.tools.micro.adherence.load_micro_pipeline(\"sd3\")` and call it with `MICRO_CALL[\"sd3\"]`.",
     "classifier": "The attribute classifier of `tgate_kernels.tools.micro.adherence` (a small CNN, "
     "`model.safetensors` + `config.json`); load it with `load_classifier()`.",
 }
@@ -635,6 +774,11 @@ def _write_readme(folder: Path, reports: Sequence[TrainingReport], command: str,
     lines += ["```", command, "```", "", f"Threads: {threads}; torch {torch.__version__}.", ""]
     for report in reports:
         parameters = ", ".join(f"{part} {count:,}" for part, count in report.parameters.items())
+        if report.steps == 0:
+            lines += [f"## {report.name} (not trained here)", "", f"- parameters: {parameters}"]
+            lines += [f"- {key}: {value}" for key, value in report.notes.items()]
+            lines.append("")
+            continue
         lines += [
             f"## {report.name}",
             "",
@@ -646,6 +790,13 @@ def _write_readme(folder: Path, reports: Sequence[TrainingReport], command: str,
         lines.append("")
     lines.append(f"Folder size: {_folder_size(folder) / 1e6:.2f} MB.")
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _load_vae(folder: Path) -> tuple[Any, TrainingReport]:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder).float()
+    return vae, TrainingReport("vae", 0.0, 0, 0, float("nan"), {"vae": _parameters(vae)}, {"loaded from": str(folder)})
 
 
 def _what(text: str) -> tuple[str, ...]:
@@ -665,7 +816,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One thread per process: several trainings can share the cores, and OpenMP threads slow to a
     # crawl when other processes take their cores.
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (results depend on it)")
+    parser.add_argument(
+        "--vae", type=Path, default=None,
+        help="an AutoencoderKL folder trained by an earlier run (e.g. the shipped sd/vae) instead of training one",
+    )
     args = parser.parse_args(argv)
+    if args.vae is not None and not (args.vae / "config.json").is_file():
+        parser.error(f"argument --vae: {str(args.vae)!r} holds no config.json; give a folder with a saved AutoencoderKL")
     command = " ".join(["tgate-kernels train-micro", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -680,8 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             reports = [report]
         else:
             if vae is None:
-                vae, vae_report = train_vae(args.seed)
-            trainer = train_sd if name == "sd" else train_pixart
+                vae, vae_report = _load_vae(args.vae) if args.vae else train_vae(args.seed)
+            trainer = {"sd": train_sd, "pixart": train_pixart, "sd3": train_sd3}[name]
             pipe, report = trainer(vae, args.seed)
             save_pipeline(pipe, folder)
             reports = [vae_report, report]
