@@ -114,7 +114,7 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
     caches = [cache.variant for cache in DIFFUSERS_CACHES]
     assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "gate 8, prompt's own", "auto",
                                                         "CFG truncated at 8", *caches]
-    assert "CFG truncated at 8" in printed
+    assert "CFG truncated at 8" in printed and "sp_interval=5, warm_up=2" in printed
     # diffusers' caches, applied to fresh pipelines, skip work; a higher threshold skips more
     by_variant = {row["variant"]: row for row in data["rows"]}
     assert all(by_variant[variant]["macs_ratio"] < 1.0 and by_variant[variant]["kind"] == "diffusers-cache" for variant in caches)
@@ -134,6 +134,8 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
         (["--auto-gate", "threshold=-1"], "threshold"),
         (["--auto-gate", "min_fraction=0.7,max_fraction=0.5"], "must not exceed"),
         (["--auto-gate", "speed=3"], "unknown keys"),
+        (["--sp-interval", "0"], "--sp-interval"),
+        (["--warm-up", "-1"], "--warm-up"),
     ],
 )
 def test_quality_command_refuses_bad_options(arguments, message, capsys, tmp_path):
@@ -142,3 +144,15 @@ def test_quality_command_refuses_bad_options(arguments, message, capsys, tmp_pat
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_diffusers_cache_that_cannot_run_on_a_micro_pipeline_says_why():
+    from tgate_kernels.tools.micro.adherence import load_micro_pipeline
+
+    refusals = {name: {cache.variant: cache.refuses(load_micro_pipeline(name)) for cache in DIFFUSERS_CACHES}
+                for name in ("pixart", "sd3")}
+    assert not any(refusals["pixart"].values())
+    # SD3's last MMDiT block returns no text output, which diffusers' FirstBlockCache subtracts
+    assert all("context_pre_only" in refusals["sd3"][f"FirstBlockCache {t}"] for t in ("0.05", "0.1", "0.2"))
+    assert "no cross-attention" in refusals["sd3"]["PAB, attention 2nd, cross-attention 4th"]
+    assert refusals["sd3"]["PAB, attention every 2nd step"] is None

@@ -72,7 +72,8 @@ def plot(results: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     for axis, (name, changes) in zip(axes[0], results.items()):
         steps = np.arange(1, len(next(iter(changes.values()))) + 1)
         for layer, values in changes.items():
-            axis.plot(steps, values, linewidth=0.8, alpha=0.55, label=layer)
+            # past ten layers a legend would cover the curves: the layers go unnamed, the table names them
+            axis.plot(steps, values, linewidth=0.8, alpha=0.55, label=layer if len(changes) <= 10 else None)
         axis.plot(steps, np.mean(list(changes.values()), axis=0), color="black", linewidth=2.4, label="mean")
         axis.set_yscale("log")
         axis.set_xlabel("denoising step t")

@@ -146,13 +146,13 @@ def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
 
 def hookable_attentions(denoiser: torch.nn.Module, text_streams: bool = False) -> list[HookableAttention]:
     """Every attention of ``denoiser`` T-GATE caches, in module order (with ``text_streams``,
-    the joint attentions of dual-stream blocks and the text-stream modules of every
-    joint-attention block too; the attention inside a single-stream block or a text refiner is
-    then theirs, not a self-attention of its own)."""
+    the joint attention of every dual- and single-stream block, then the text-stream modules of
+    every joint-attention block; a text refiner's attention is the text stream's, not a
+    self-attention of its own)."""
     streams = text_stream_modules(denoiser) if text_streams else []
-    # the attention inside a single-stream block or a text refiner is part of the text stream's work
+    # what runs inside a single-stream block or a text refiner is the text stream's work ...
     blocks = tuple(f"{a.name}." for a in streams)
-    # ... but a single-stream block's attention is its joint attention, scheduled as a dual-stream block's
+    # ... except a single-stream block's attention: its joint attention, scheduled as a dual-stream block's
     single_stream_attentions = {f"{a.name}.{a.single_stream.attention}" for a in streams if a.single_stream is not None}
     found = []
     for name, module in denoiser.named_modules():

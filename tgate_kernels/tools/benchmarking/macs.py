@@ -188,17 +188,13 @@ def forward_breakdown(arch: Architecture, resolution: int | None = None, denoise
         _, _, path = qualified_name.partition(".")
         if path in row_layers:
             text, rows = row_layers[path]
-            share = MacsCount(macs_from_op_flops(op_flops).total * text // rows, 0)
+            share, cross = MacsCount(macs_from_op_flops(op_flops).total * text // rows, 0), True
         elif path in attention_kind:
-            share = macs_from_op_flops(op_flops)
-            parts[attention_kind[path]] += share
-            if attention_kind[path] and path.startswith(self_paths):
-                nested += share
-            continue
+            share, cross = macs_from_op_flops(op_flops), attention_kind[path]
         else:
             continue
-        parts[True] += share
-        if path.startswith(self_paths):
+        parts[cross] += share
+        if cross and path.startswith(self_paths):
             nested += share
     return ForwardBreakdown(total=total, self_attention=parts[False], cross_attention=parts[True], nested=nested)
 

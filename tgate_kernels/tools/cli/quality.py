@@ -28,6 +28,10 @@ def add_parser(commands) -> None:
     quality.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="skip the DeepCache series")
     quality.add_argument("--no-cfg-truncation", dest="cfg_truncation", action="store_false",
                          help="skip the CFG-truncation series (guidance dropped at each gate, nothing cached)")
+    quality.add_argument("--sp-interval", type=arguments.positive_int, default=5,
+                         help="T-GATE's self-attention (and joint-attention) caching interval before the gate, in every variant")
+    quality.add_argument("--warm-up", type=arguments.non_negative_int, default=2,
+                         help="steps before self-attention is first cached, in every variant")
     quality.add_argument("--no-prompt-part", dest="prompt_part", action="store_false",
                          help="skip the series keeping the prompt's part after the gate with its own cached outputs "
                               "(kept_part=conditional, gate_cache=kept-part)")
@@ -53,6 +57,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                                seed=args.seed, deepcache=args.deepcache, cfg_truncation=args.cfg_truncation,
                                prompt_part=args.prompt_part, diffusers_caches=args.diffusers_caches,
+                               sp_interval=args.sp_interval, warm_up=args.warm_up,
                                auto_gate=args.auto_gate)
     rows, overheads = [], []
     for name in args.models:

@@ -6,7 +6,8 @@ pipelines open no ``cache_context``: a pre-hook on the denoiser opens one per ca
 with ``CacheMixin`` denoisers do). Which apply, and why the others do not:
 
 - **FirstBlockCache** (``threshold``): the whole stack but its first block is skipped when the
-  first block's residual changed less than ``threshold`` since the last computed step;
+  first block's residual changed less than ``threshold`` since the last computed step (not on
+  SD3's MMDiT, whose last block returns no text output, which diffusers 0.42.1's hook subtracts);
 - **Pyramid Attention Broadcast**: attention outputs reused for ``skip_range - 1`` of every
   ``skip_range`` steps between timesteps 100 and 800 (self-/joint attention, and cross-attention
   in the second setting);
@@ -33,6 +34,23 @@ class DiffusersCache:
     """The row's name in the quality table."""
     apply: Callable[[Any], None]
     """Applies the cache to a pipeline's transformer."""
+    refuses: Callable[[Any], str | None] = lambda pipe: None
+    """Why the cache does not run on a pipeline (``None``: it does)."""
+
+
+def _first_block_cache_refuses(pipe) -> str | None:
+    blocks = getattr(pipe.transformer, "transformer_blocks", ())
+    if blocks and getattr(blocks[-1], "context_pre_only", False):
+        # diffusers 0.42.1's FirstBlockCache subtracts the last block's text output, which an
+        # MMDiT's last block (SD3's) does not return
+        return "FirstBlockCache fails on a last block that returns no text output (SD3's `context_pre_only`)"
+    return None
+
+
+def _no_cross_attention(pipe) -> str | None:
+    if any(getattr(module, "is_cross_attention", False) for module in pipe.transformer.modules()):
+        return None
+    return "no cross-attention to skip: the same as the setting without it"
 
 
 def _first_block_cache(threshold: float) -> Callable[[Any], None]:
@@ -71,11 +89,11 @@ def _pyramid_attention_broadcast(spatial: int, cross: int | None) -> Callable[[A
 
 
 DIFFUSERS_CACHES: tuple[DiffusersCache, ...] = (
-    DiffusersCache("FirstBlockCache 0.05", _first_block_cache(0.05)),
-    DiffusersCache("FirstBlockCache 0.1", _first_block_cache(0.1)),
-    DiffusersCache("FirstBlockCache 0.2", _first_block_cache(0.2)),
+    DiffusersCache("FirstBlockCache 0.05", _first_block_cache(0.05), _first_block_cache_refuses),
+    DiffusersCache("FirstBlockCache 0.1", _first_block_cache(0.1), _first_block_cache_refuses),
+    DiffusersCache("FirstBlockCache 0.2", _first_block_cache(0.2), _first_block_cache_refuses),
     DiffusersCache("PAB, attention every 2nd step", _pyramid_attention_broadcast(2, None)),
-    DiffusersCache("PAB, attention 2nd, cross-attention 4th", _pyramid_attention_broadcast(2, 4)),
+    DiffusersCache("PAB, attention 2nd, cross-attention 4th", _pyramid_attention_broadcast(2, 4), _no_cross_attention),
 )
 
 

@@ -108,6 +108,9 @@ class QualitySettings:
     diffusers_caches: bool = True
     auto_gate: AutoGate | None = None
     prompts: tuple[str, ...] = EVAL_PROMPTS
+    sp_interval: int = 5
+    """T-GATE's self-attention (and joint-attention) schedule in every T-GATE variant."""
+    warm_up: int = 2
 
 
 class ClassifierFeatures(torch.nn.Module):
@@ -176,15 +179,16 @@ def _fid(features: ClassifierFeatures, reference: np.ndarray, images: np.ndarray
 def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, TgateConfig | int]]:
     """(name, kind, what runs it): a T-GATE configuration, or the step CFG truncation starts at."""
     gates = [gate for gate in settings.gates if gate < steps]
-    variants: list[tuple[str, str, TgateConfig | int]] = [(f"gate {gate}", "fixed", TgateConfig(gate_step=gate)) for gate in gates]
+    schedule = dict(sp_interval=settings.sp_interval, warm_up=settings.warm_up)
+    variants: list[tuple[str, str, TgateConfig | int]] = [
+        (f"gate {gate}", "fixed", TgateConfig(gate_step=gate, **schedule)) for gate in gates
+    ]
     if settings.prompt_part:
-        variants += [
-            (f"gate {gate}, prompt's own", "prompt-part", TgateConfig(gate_step=gate, kept_part="conditional", gate_cache="kept-part"))
-            for gate in gates
-        ]
+        own = dict(kept_part="conditional", gate_cache="kept-part", **schedule)
+        variants += [(f"gate {gate}, prompt's own", "prompt-part", TgateConfig(gate_step=gate, **own)) for gate in gates]
     if settings.deepcache and unet:
-        variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True)) for gate in gates]
-    variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate)))
+        variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True, **schedule)) for gate in gates]
+    variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate, **schedule)))
     if settings.cfg_truncation:
         variants += [(f"CFG truncated at {gate}", "cfg-truncation", gate) for gate in gates]
     return variants
@@ -234,6 +238,10 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
         rows.append(row(variant, kind, gate, generated))
     if settings.diffusers_caches and applies_to(pipe):
         for cache in DIFFUSERS_CACHES:
+            refused = cache.refuses(pipe)
+            if refused is not None:
+                say(f"{name}: {cache.variant} left out: {refused}")
+                continue
             say(f"{name}: {cache.variant}")
             cached = load_micro_pipeline(name)  # a cache's hooks stay on the model it was applied to
             cache.apply(cached)

@@ -64,16 +64,15 @@ def pareto_verdicts(rows: Sequence[QualityRow]) -> list[str]:
     return lines
 
 
-def truncation_verdicts(rows: Sequence[QualityRow]) -> list[str]:
-    """For each CFG-truncation point: does a fixed T-GATE gate at no more MACs read the prompts
-    at least as well, and stay at least as close to the ungated images (FID)?"""
+def _verdicts(rows: Sequence[QualityRow], kind: str, gated_kinds: tuple[str, ...]) -> list[str]:
+    """For each row of ``kind``: does a T-GATE row (of ``gated_kinds``) at no more MACs read the
+    prompts at least as well, and stay at least as close to the ungated images (FID)?"""
     lines = []
-    for truncated in (row for row in rows if row.kind == "cfg-truncation"):
-        cheaper = [row for row in rows if row.model == truncated.model and row.kind in ("fixed", "prompt-part")
-                   and row.macs_ratio <= truncated.macs_ratio]
-        beating = [row for row in cheaper if row.adherence >= truncated.adherence and row.fid <= truncated.fid]
-        head = (f"- {truncated.model}: {truncated.variant} ({100 * truncated.adherence:.1f}%, FID {truncated.fid:.2f}, "
-                f"MACs {truncated.macs_ratio:.3f}): ")
+    for other in (row for row in rows if row.kind == kind):
+        cheaper = [row for row in rows if row.model == other.model and row.kind in gated_kinds and row.macs_ratio <= other.macs_ratio]
+        beating = [row for row in cheaper if row.adherence >= other.adherence and row.fid <= other.fid]
+        head = (f"- {other.model}: {other.variant} ({100 * other.adherence:.1f}%, FID {other.fid:.2f}, "
+                f"MACs {other.macs_ratio:.3f}): ")
         if beating:
             best = min(beating, key=lambda row: row.fid)
             lines.append(head + f"T-GATE {best.variant} is as good or better at fewer MACs "
@@ -83,27 +82,16 @@ def truncation_verdicts(rows: Sequence[QualityRow]) -> list[str]:
         else:
             lines.append(head + "no T-GATE gate runs at its MACs or fewer.")
     return lines
+
+
+def truncation_verdicts(rows: Sequence[QualityRow]) -> list[str]:
+    """For each CFG-truncation point: is T-GATE (a fixed gate) as good at no more MACs?"""
+    return _verdicts(rows, "cfg-truncation", ("fixed", "prompt-part"))
 
 
 def cache_verdicts(rows: Sequence[QualityRow]) -> list[str]:
-    """For each diffusers cache: does T-GATE (a fixed gate, with DeepCache or not) at no more MACs
-    read the prompts at least as well and stay at least as close to the ungated images (FID)?"""
-    lines = []
-    for cache in (row for row in rows if row.kind == "diffusers-cache"):
-        cheaper = [row for row in rows if row.model == cache.model and row.kind in ("fixed", "prompt-part", "deepcache")
-                   and row.macs_ratio <= cache.macs_ratio]
-        beating = [row for row in cheaper if row.adherence >= cache.adherence and row.fid <= cache.fid]
-        head = (f"- {cache.model}: {cache.variant} ({100 * cache.adherence:.1f}%, FID {cache.fid:.2f}, "
-                f"MACs {cache.macs_ratio:.3f}): ")
-        if beating:
-            best = min(beating, key=lambda row: row.fid)
-            lines.append(head + f"T-GATE {best.variant} is as good or better at fewer MACs "
-                                f"({100 * best.adherence:.1f}%, FID {best.fid:.2f}, MACs {best.macs_ratio:.3f}).")
-        elif cheaper:
-            lines.append(head + "no T-GATE gate at its MACs or fewer matches it on both adherence and FID.")
-        else:
-            lines.append(head + "no T-GATE gate runs at its MACs or fewer.")
-    return lines
+    """For each diffusers cache: is T-GATE (a fixed gate, with DeepCache or not) as good at no more MACs?"""
+    return _verdicts(rows, "diffusers-cache", ("fixed", "prompt-part", "deepcache"))
 
 
 def overhead_lines(overheads: Sequence[AutoOverhead]) -> list[str]:
@@ -118,7 +106,8 @@ def render(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settin
     auto = dataclasses.asdict(settings.auto_gate) if settings.auto_gate is not None else {}
     lines = [
         f"{len(settings.prompts)} prompts x {settings.images_per_prompt} seeds, batches of {settings.batch_size} "
-        f"(auto decides once per batch), seed {settings.seed}; auto_gate {json.dumps(auto) if auto else 'defaults'}.",
+        f"(auto decides once per batch), seed {settings.seed}; auto_gate {json.dumps(auto) if auto else 'defaults'}; "
+        f"T-GATE with sp_interval={settings.sp_interval}, warm_up={settings.warm_up}.",
         "",
         quality_table(rows),
         "",

@@ -243,15 +243,15 @@ def _unet():
     )
 
 
-def _clip_text_encoder(tokenizer: Any):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_config(tokenizer: Any, layers: int):
+    from transformers import CLIPTextConfig
 
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
         intermediate_size=2 * TEXT_HIDDEN,
         projection_dim=TEXT_HIDDEN,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=TEXT_LENGTH,
         bos_token_id=tokenizer.bos_token_id,
@@ -259,7 +259,19 @@ def _clip_text_encoder(tokenizer: Any):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+
+
+def _clip_text_encoder(tokenizer: Any):
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_clip_config(tokenizer, layers=2))
+
+
+def _clip_text_encoder_with_projection(tokenizer: Any):
+    from transformers import CLIPTextModelWithProjection
+
+    # SD3 reads the penultimate layer's states and the last layer's pooled projection
+    return CLIPTextModelWithProjection(_clip_config(tokenizer, layers=3))
 
 
 def _pixart_transformer():
@@ -283,25 +295,6 @@ def _pixart_transformer():
         norm_elementwise_affine=False,
         norm_eps=1e-6,
     )
-
-
-def _clip_text_encoder_with_projection(tokenizer: Any):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
-        projection_dim=TEXT_HIDDEN,
-        # SD3 reads the penultimate layer's states and the last layer's pooled projection
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=TEXT_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config)
 
 
 def _sd3_transformer():
