@@ -509,3 +509,52 @@ def test_compile_caches_the_kept_parts_own_output_at_the_gate_as_eager_does(name
     compiled = _latents(tgate_kernels.enable(family.build(), **settings, compile={"backend": "eager"}), family=family)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     assert (torch.as_tensor(eager) - torch.as_tensor(mean)).abs().max() > 1e-4
+
+
+MOCHI_OWN = dict(kept_part="conditional", gate_cache="kept-part")
+
+
+def test_mochi_is_refused_unless_the_prompts_part_keeps_its_own_text_stream():
+    """Mochi's attention picks each sample's text tokens by that sample's mask: after the gate
+    the prompt's part must run with the text stream it cached itself, not the mean."""
+    from fixtures.families_video import tiny_mochi
+
+    pipe = tiny_mochi()
+    for settings in ({}, {"kept_part": "conditional"}, {"gate_cache": "kept-part"}):
+        with pytest.raises(ValueError, match="MochiPipeline needs kept_part='conditional' and gate_cache='kept-part'"):
+            tgate_kernels.enable(pipe, gate_step=GATE, **settings)
+        assert not tgate_kernels.is_enabled(pipe)
+        assert not any("forward" in module.__dict__ for module in pipe.transformer.modules())
+    # a loader on a pipeline never enabled has the reference's settings: refused
+    with pytest.raises(ValueError, match="MochiPipeline needs"):
+        tgate_kernels.TgateSDLoader(pipe)
+    assert not tgate_kernels.is_enabled(pipe)
+    # enabled with them, the loader keeps the pipeline's own
+    tgate_kernels.enable(pipe, gate_step=GATE, **MOCHI_OWN)
+    tgate_kernels.TgateSDLoader(pipe, gate_step=GATE)
+    assert tgate_kernels.view(pipe).tgate_config.gate_cache.value == "kept-part"
+
+
+def test_mochi_with_the_prompts_own_text_stream_is_gated_correctly():
+    from fixtures.families_video import mochi_call, tiny_mochi
+
+    def run(pipe, steps=STEPS, **changes):
+        with torch.no_grad():
+            return pipe(**{**mochi_call(steps), **changes}).frames
+
+    plain = run(tiny_mochi())
+    never = tgate_kernels.enable(tiny_mochi(), gate_step=STEPS, sp_interval=1, warm_up=0, **MOCHI_OWN)
+    assert torch.equal(run(never), plain)
+    # gate 0: nothing cached, guidance dropped: the unguided run of the prompt with its own mask
+    unguided = run(tiny_mochi(), guidance_scale=1.0)
+    at_zero = tgate_kernels.enable(tiny_mochi(), gate_step=0, **MOCHI_OWN)
+    torch.testing.assert_close(run(at_zero), unguided, rtol=1e-5, atol=1e-5)
+    pipe = tgate_kernels.enable(tiny_mochi(), gate_step=GATE, sp_interval=1, warm_up=0, **MOCHI_OWN)
+    with tgate_kernels.view(pipe).record() as record:
+        gated = run(pipe)
+    assert record.computed(GATE, cross=True) == 0 and record.reused(GATE, cross=True) > 0
+    assert record.rows_run(GATE) == [1]
+    assert not torch.equal(gated, plain) and torch.isfinite(gated).all()
+    torch._dynamo.reset()
+    compiled = tgate_kernels.enable(tiny_mochi(), gate_step=GATE, sp_interval=1, warm_up=0, compile={"backend": "eager"}, **MOCHI_OWN)
+    torch.testing.assert_close(run(compiled), gated, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from typing import Iterator
 from .config import TgateConfig
 from .engine.configuration import enabled_with
 from .engine.installation import configure, controller_of, remove
-from .engine.pipeline_parts import check_pipeline
+from .engine.pipeline_parts import check_pipeline, check_settings
 from .loaders import tgate_call
 from .view import TgateView
 
@@ -71,6 +71,7 @@ def enable(
             given["deepcache"] = controller.configuration.config.deepcache
     new = TgateConfig(**given) if config is None else dataclasses.replace(config, **given)
     check_pipeline(pipe)
+    check_settings(pipe, new)
     configure(pipe, enabled_with(pipe, controller.configuration if controller else None, new), tgate_call)
     return pipe
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from .config import AUTO, DeepCacheOptions, TgateConfig
 from .engine.configuration import loaded_with
 from .engine.installation import configure, controller_of
-from .engine.pipeline_parts import check_pipeline
+from .engine.pipeline_parts import check_pipeline, check_settings
 
 
 def _load(pipe, defaults: TgateConfig, deepcache: DeepCacheOptions | None, gate_step, num_inference_steps, **schedule):
@@ -27,7 +27,9 @@ def _load(pipe, defaults: TgateConfig, deepcache: DeepCacheOptions | None, gate_
     check_pipeline(pipe)
     controller = controller_of(pipe)
     current = controller.configuration if controller is not None else None
-    configure(pipe, loaded_with(pipe, current, config, num_inference_steps), tgate_call)
+    configuration = loaded_with(pipe, current, config, num_inference_steps)
+    check_settings(pipe, configuration.loader)
+    configure(pipe, configuration, tgate_call)
     return pipe
 
 

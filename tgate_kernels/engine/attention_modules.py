@@ -59,8 +59,12 @@ class HookableAttention:
         return self.kind in (AttentionKind.CROSS, AttentionKind.TEXT)
 
 
+_PLAIN_MODULE_ATTENTIONS = frozenset({"MochiAttention"})
+"""Attention classes diffusers builds on ``nn.Module`` alone (with a ``processor`` as the others)."""
+
+
 def is_attention(module: torch.nn.Module) -> bool:
-    return isinstance(module, (Attention, AttentionModuleMixin))
+    return isinstance(module, (Attention, AttentionModuleMixin)) or type(module).__name__ in _PLAIN_MODULE_ATTENTIONS
 
 
 def adds_own_residual(module: torch.nn.Module) -> bool:
@@ -82,7 +86,8 @@ def _residual_processors() -> tuple[type, ...]:
 
 
 def is_joint_attention(module: torch.nn.Module) -> bool:
-    return getattr(module, "added_kv_proj_dim", None) is not None
+    # MochiAttention keeps no `added_kv_proj_dim`, only the projections it builds from it
+    return getattr(module, "added_kv_proj_dim", None) is not None or isinstance(getattr(module, "add_k_proj", None), torch.nn.Module)
 
 
 def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:

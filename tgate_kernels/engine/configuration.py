@@ -4,7 +4,7 @@ for ``pipe.tgate``.
 ``enable`` sets what plain ``pipe(...)`` calls run with; a loader sets the defaults of
 ``pipe.tgate`` (its config and ``num_inference_steps``) and leaves plain calls as they were.
 Without a loader, ``pipe.tgate`` runs with ``enable``'s config. The options that decide how the
-hooks are built (``kernels``, ``kept_part``, ``compile``) are the pipeline's, whichever of the
+hooks are built or what they cache (``kernels``, ``kept_part``, ``compile``, ``gate_cache``) are the pipeline's, whichever of the
 two set them last, so both configs always hold the same ones.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from ..config import TgateConfig
 from .deepcache import DeepCacheCoordinator
 
-_PIPELINE_WIDE = ("kernels", "kept_part", "compile")
+_PIPELINE_WIDE = ("kernels", "kept_part", "compile", "gate_cache")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ SUPPORTED_PIPELINES = (
     "(text-to-image, img2img, inpaint, ControlNet, IP-Adapter, LoRA, LCM, PAG, InstructPix2Pix), Kolors, PixArt-α/Σ, "
     "Sana, Hunyuan-DiT, Lumina-Next, Stable Video Diffusion, AnimateDiff, Latte, Allegro, LTX-Video, Wan 2.1/2.2, "
     "SkyReels-V2, Cosmos, Kandinsky 5, Stable Audio; and of the joint-attention families, Stable Diffusion 3/3.5 "
-    "(text-to-image, img2img, inpaint, ControlNet), FLUX.1 (with img2img, inpaint, Fill, Kontext, Control, ControlNet), Chroma, AuraFlow and Qwen-Image (with img2img, inpaint)"
+    "(text-to-image, img2img, inpaint, ControlNet), FLUX.1 (with img2img, inpaint, Fill, Kontext, Control, ControlNet), "
+    "FLUX.2, Chroma, AuraFlow, Qwen-Image (with img2img, inpaint), HunyuanVideo, CogVideoX and Mochi"
 )
 
 
@@ -68,6 +69,17 @@ def check_pipeline(pipe, *, runs: bool = False) -> None:
     refused = family_of(pipe).refused
     if refused is not None:
         raise ValueError(f"T-GATE does not support {type(pipe).__name__}: {refused}. Nothing was changed.")
+
+
+def check_settings(pipe, config) -> None:
+    """A ``ValueError`` naming what ``config`` lacks for ``pipe``'s family, if it lacks anything."""
+    needs = family_of(pipe).needs
+    lacking = needs(config) if needs is not None else None
+    if lacking is not None:
+        raise ValueError(
+            f"T-GATE on {type(pipe).__name__} needs {lacking}; got kept_part={config.kept_part.value!r}, "
+            f"gate_cache={config.gate_cache.value!r}. Nothing was changed."
+        )
 
 
 def pipeline_parts(pipe) -> PipelineParts:

@@ -19,6 +19,7 @@ with what stands in the way.
 
 from __future__ import annotations
 
+from ..config import GateCache, KeptPart
 from .registry import Conditioning, Family, SingleStreamBlock, register, register_single_stream
 
 register(Family(
@@ -101,6 +102,23 @@ register(Family(
 ))
 
 
+def _own_text_with_own_mask(config) -> str | None:
+    """Mochi's processor attends to each sample's unpadded text tokens, chosen by that sample's
+    mask: after the gate the kept part's mask must pick rows of the kept part's own text stream,
+    not of a mean over two texts padded differently."""
+    if config.kept_part is KeptPart.CONDITIONAL and config.gate_cache is GateCache.KEPT_PART:
+        return None
+    return (
+        "kept_part='conditional' and gate_cache='kept-part' (its attention picks each sample's text tokens by that "
+        "sample's mask, so after the gate the prompt's part must run with the text stream it cached itself)"
+    )
+
+
+register(Family(
+    "mochi", pipelines=("MochiPipeline",), conditioning=Conditioning.JOINT_ATTENTION, needs=_own_text_with_own_mask,
+))
+
+
 # Joint-attention families whose text rows T-GATE cannot yet freeze correctly: refused at
 # `enable`, each with what stands in the way.
 _NOT_YET = "; T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
@@ -114,9 +132,6 @@ for _name, _pipelines, _why in (
     ("consisid", ("ConsisIDPipeline",),
      "joint attention as CogVideoX's, with a face extractor's cross-attention between its blocks, which T-GATE "
      "does not know how to gate"),
-    ("mochi", ("MochiPipeline",),
-     "joint attention whose processor attends to each sample's own unpadded text tokens, chosen by the prompt's "
-     "mask inside the processor" + _NOT_YET),
     ("lumina2", ("Lumina2Pipeline",),
      "joint attention over one sequence joining the text and image tokens in every layer, with no separate text "
      "stream, after a text refiner that runs every step" + _NOT_YET),

@@ -17,6 +17,8 @@ whose modules T-GATE then caches as it caches cross-attention.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 NEGATIVE = "negative"
@@ -41,7 +43,8 @@ class Family:
     batch order, one layout per number of parts; ``kept`` is the part the reference keeps after the gate with
     batched guidance; ``interleaved`` names the denoiser arguments the pipeline lays out one row
     per part for each image in turn rather than one block of rows per part; ``refused`` says why
-    T-GATE would read the family's loop or guidance wrongly (then it is refused at ``enable``).
+    T-GATE would read the family's loop or guidance wrongly (then it is refused at ``enable``);
+    ``needs`` what settings it must be gated with.
     """
 
     name: str
@@ -52,6 +55,9 @@ class Family:
     kept: str = NEGATIVE
     interleaved: frozenset[str] = frozenset()
     refused: str | None = None
+    needs: Callable[[Any], str | None] | None = None
+    """For a family T-GATE gates under some settings only: given a ``TgateConfig``, what it lacks
+    (``None``: nothing)."""
 
 
 @dataclass(frozen=True)
