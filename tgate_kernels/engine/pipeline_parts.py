@@ -76,10 +76,7 @@ def check_settings(pipe, config) -> None:
     needs = family_of(pipe).needs
     lacking = needs(config) if needs is not None else None
     if lacking is not None:
-        raise ValueError(
-            f"T-GATE on {type(pipe).__name__} needs {lacking}; got kept_part={config.kept_part.value!r}, "
-            f"gate_cache={config.gate_cache.value!r}. Nothing was changed."
-        )
+        raise ValueError(f"T-GATE on {type(pipe).__name__} needs {lacking}. Nothing was changed.")
 
 
 def pipeline_parts(pipe) -> PipelineParts:

@@ -110,7 +110,8 @@ def _own_text_with_own_mask(config) -> str | None:
         return None
     return (
         "kept_part='conditional' and gate_cache='kept-part' (its attention picks each sample's text tokens by that "
-        "sample's mask, so after the gate the prompt's part must run with the text stream it cached itself)"
+        "sample's mask, so after the gate the prompt's part must run with the text stream it cached itself); got "
+        f"kept_part={config.kept_part.value!r}, gate_cache={config.gate_cache.value!r}"
     )
 
 

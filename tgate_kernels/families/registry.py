@@ -57,7 +57,7 @@ class Family:
     refused: str | None = None
     needs: Callable[[Any], str | None] | None = None
     """For a family T-GATE gates under some settings only: given a ``TgateConfig``, what it lacks
-    (``None``: nothing)."""
+    and what it was given (``None``: nothing lacking)."""
 
 
 @dataclass(frozen=True)
