@@ -149,15 +149,24 @@ def test_compile_gives_eager_t_gates_latents(name):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["flux", "hunyuan-video"])
-def test_inductor_with_freezing_gives_eager_t_gates_latents_through_single_stream_blocks(name):
-    """FLUX's single-stream blocks run on the image rows; HunyuanVideo's keep the text rows in place."""
+@pytest.mark.parametrize(
+    "name, steps, schedule",
+    [
+        ("flux", STEPS, dict(gate_step=GATE)),
+        ("hunyuan-video", STEPS, dict(gate_step=GATE)),
+        ("flux", 6, dict(gate_step=5, sp_interval=2, warm_up=0, fi_interval=2)),
+    ],
+)
+def test_inductor_with_freezing_gives_eager_t_gates_latents_through_single_stream_blocks(name, steps, schedule):
+    """FLUX's single-stream blocks run on the image rows; HunyuanVideo's keep the text rows in place.
+    With the joint attention reused before the gate (steps 1, 3) and after it (step 5), FLUX's two
+    calls a step (true CFG) each reuse their own."""
     family = FAMILIES[name]
     torch._dynamo.reset()
-    eager = _latents(tgate_kernels.enable(family.build(), gate_step=GATE, kernels="off"), family=family)
-    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, compile=True)
+    eager = _latents(tgate_kernels.enable(family.build(), **schedule, kernels="off"), steps=steps, family=family)
+    pipe = tgate_kernels.enable(family.build(), **schedule, compile=True)
     for _ in range(2):
-        torch.testing.assert_close(_latents(pipe, family=family), eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_latents(pipe, steps=steps, family=family), eager, rtol=1e-4, atol=1e-5)
 
 
 def _rows_seen(pipe, family, **changes):
