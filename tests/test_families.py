@@ -34,7 +34,7 @@ def _first_active_step(record, denoiser):
 @pytest.mark.parametrize("name", GATED)
 def test_a_guided_call_is_gated_in_every_denoiser(name):
     family = FAMILIES[name]
-    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0, **family.settings)
     result, record = _recorded(pipe, family)
     assert np.isfinite(_output(result)).all()
     layout = tgate_kernels.view(pipe).last_generation.layout
@@ -64,7 +64,7 @@ def test_disable_is_bit_identical_to_never_enabled(name):
     never_enabled = family.build()
     never = _output(_run(never_enabled, family))
     pipe = family.build()
-    tgate_kernels.enable(pipe, gate_step=GATE)
+    tgate_kernels.enable(pipe, gate_step=GATE, **family.settings)
     gated = _output(_run(pipe, family))
     tgate_kernels.disable(pipe)
     assert np.array_equal(_output(_run(pipe, family)), never)
@@ -81,7 +81,7 @@ def test_disable_is_bit_identical_to_never_enabled(name):
 @pytest.mark.parametrize("name", GATED)
 def test_gate_zero_is_the_unguided_run_of_the_kept_part(name):
     family = FAMILIES[name]
-    pipe = tgate_kernels.enable(family.build(), gate_step=0, kept_part="conditional")
+    pipe = tgate_kernels.enable(family.build(), gate_step=0, **{**family.settings, "kept_part": "conditional"})
     gated, record = _recorded(pipe, family)
     changes = family.text_unguided_changes
     if changes is None:
@@ -99,7 +99,15 @@ def test_gate_zero_is_the_unguided_run_of_the_kept_part(name):
 def test_the_gate_caches_the_mean_over_the_guidance_parts_or_the_kept_parts_own(name, gate_cache):
     family = FAMILIES[name]
     gate = 1  # the gate at the first step, the first reuse at the second: one expert of Wan 2.2 runs both
-    pipe = tgate_kernels.enable(family.build(), gate_step=gate, kernels="off", gate_cache=gate_cache)
+    settings = {**family.settings, "gate_cache": gate_cache}
+    if family.settings.get("gate_cache", gate_cache) != gate_cache:
+        # a family whose parts' text streams have no mean (Lumina 2's) is refused the mean
+        pipe = family.build()
+        with pytest.raises(ValueError, match=f"{family.pipeline_class} needs gate_cache='{family.settings['gate_cache']}'"):
+            tgate_kernels.enable(pipe, gate_step=gate, **settings)
+        assert not tgate_kernels.is_enabled(pipe)
+        return
+    pipe = tgate_kernels.enable(family.build(), gate_step=gate, kernels="off", **settings)
     cross = next(a for a in tgate_kernels.view(pipe).attentions if a.cross and a.denoiser == family.denoisers[0])
     outputs = []
 
@@ -193,6 +201,20 @@ def test_joint_attention_pipelines_are_refused_with_nothing_modified(name):
     assert set(pipe.__dict__) == before
     assert not any("_diffusers_hook" in m.__dict__ for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules())
     assert np.array_equal(_output(_run(pipe, family)), _output(_run(family.build(), family)))
+
+
+@pytest.mark.parametrize("name", [name for name in GATED if FAMILIES[name].settings])
+def test_a_family_gated_under_settings_of_its_own_is_refused_without_them_with_nothing_modified(name):
+    family = FAMILIES[name]
+    pipe = family.build()
+    before = set(pipe.__dict__)
+    for wanted in family.settings:
+        with pytest.raises(ValueError, match=f"{family.pipeline_class} needs .*{wanted}=.*Nothing was changed"):
+            tgate_kernels.enable(pipe, **{k: v for k, v in family.settings.items() if k != wanted})
+    with pytest.raises(ValueError, match=f"{family.pipeline_class} needs"):
+        tgate_kernels.TgateSDLoader(pipe)
+    assert set(pipe.__dict__) == before and not tgate_kernels.is_enabled(pipe)
+    assert not any("_diffusers_hook" in m.__dict__ for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules())
 
 
 class _LoopPipeline:

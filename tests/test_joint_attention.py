@@ -16,7 +16,7 @@ from fixtures.families import FAMILIES
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
 FLUX = FAMILIES["flux"]
-JOINT = ["sd3", "flux", "flux2-klein", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video"]
+JOINT = ["sd3", "flux", "flux2-klein", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video", "lumina2"]
 
 
 def _latents(pipe, steps=STEPS, family=SD3, **changes):
@@ -49,7 +49,7 @@ def test_the_joint_attention_follows_the_self_attention_schedule_before_the_gate
     what it gave at the last caching step, its projections not running."""
     family = FAMILIES[name]
     steps = 7
-    pipe = tgate_kernels.enable(family.build(), gate_step=steps, sp_interval=3, warm_up=1)
+    pipe = tgate_kernels.enable(family.build(), gate_step=steps, sp_interval=3, warm_up=1, **family.settings)
     joint = [a for a in tgate_kernels.view(pipe).attentions if a.kind is AttentionKind.JOINT]
     assert joint, "every joint-attention family has a joint attention"
     denoiser = pipe.transformer
@@ -84,7 +84,7 @@ def test_the_joint_attention_follows_the_self_attention_schedule_before_the_gate
 def test_with_the_gate_never_reached_the_output_is_the_plain_pipelines(name):
     family = FAMILIES[name]
     plain = _latents(family.build(), family=family)
-    pipe = tgate_kernels.enable(family.build(), gate_step=STEPS, sp_interval=1, warm_up=0)
+    pipe = tgate_kernels.enable(family.build(), gate_step=STEPS, sp_interval=1, warm_up=0, **family.settings)
     assert torch.equal(_latents(pipe, family=family), plain)
 
 
@@ -125,7 +125,7 @@ def _step_counter(pipe, step, family=SD3, **changes) -> FlopCounterMode:
 def test_after_the_gate_a_step_costs_less_than_dropping_guidance_alone(name):
     family = FAMILIES[name]
     plain = _step_flops(family.build(), GATE, family)
-    gated = _step_flops(tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0), GATE, family)
+    gated = _step_flops(tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0, **family.settings), GATE, family)
     assert 0 < gated < plain / 2, (gated, plain)
 
 
@@ -143,7 +143,7 @@ def test_compile_gives_eager_t_gates_latents(name):
     one guided batch or as one call per guidance part (each part reusing its own)."""
     family = FAMILIES[name]
     torch._dynamo.reset()
-    schedule = dict(gate_step=5, sp_interval=2, warm_up=0, fi_interval=2)
+    schedule = dict(gate_step=5, sp_interval=2, warm_up=0, fi_interval=2, **family.settings)
     eager = _latents(tgate_kernels.enable(family.build(), **schedule, kernels="off"), steps=6, family=family)
     compiled = _latents(tgate_kernels.enable(family.build(), **schedule, compile={"backend": "eager"}), steps=6, family=family)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
@@ -321,13 +321,6 @@ def test_qwen_image_freezes_the_text_feed_forward_too():
     pipe = tgate_kernels.enable(FAMILIES["qwenimage"].build())
     text = {a.name for a in tgate_kernels.view(pipe).attentions if a.kind is AttentionKind.TEXT}
     assert {f"transformer_blocks.{i}.txt_mlp" for i in range(len(pipe.transformer.transformer_blocks))} <= text
-
-
-@pytest.mark.parametrize("name", ["lumina2"])
-def test_joint_attention_families_not_done_yet_stay_refused(name):
-    family = FAMILIES[name]
-    with pytest.raises(ValueError, match="joint attention"):
-        tgate_kernels.enable(family.build())
 
 
 def _image():
@@ -567,3 +560,80 @@ def test_mochi_with_the_prompts_own_text_stream_is_gated_correctly():
     torch._dynamo.reset()
     compiled = tgate_kernels.enable(tiny_mochi(), gate_step=GATE, sp_interval=1, warm_up=0, compile={"backend": "eager"}, **MOCHI_OWN)
     torch.testing.assert_close(run(compiled), gated, rtol=1e-5, atol=1e-5)
+
+
+LUMINA2 = FAMILIES["lumina2"]
+
+
+def test_lumina2_freezes_each_layers_text_rows_and_its_text_refiner_after_the_gate():
+    """Lumina 2's layers take each sample's text rows joined before its image rows: after the gate
+    a layer's keys and output keep the prompt call's text rows of the gate step, its row-wise
+    modules compute the image rows alone, and its text refiner does not run."""
+    pipe = tgate_kernels.enable(LUMINA2.build(), gate_step=GATE, sp_interval=1, warm_up=0, **LUMINA2.settings)
+    transformer = pipe.transformer
+    layer = transformer.layers[0]
+    refiner_runs, counts, keys, outputs = [], [], [], []
+    transformer.context_refiner[0].attn.to_q.register_forward_hook(lambda m, a, out: refiner_runs.append(1))
+    transformer.rope_embedder.register_forward_hook(lambda m, a, out: counts.append(out[4]))
+    layer.attn.to_k.register_forward_hook(lambda m, a, out: keys.append(out.detach().clone()))
+    layer.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone()))
+    _latents(pipe, family=LUMINA2)
+    # two calls a step before the gate (prompt, then negative), the prompt's alone after it
+    assert len(keys) == 2 * GATE + STEPS - GATE and len(refiner_runs) == 2 * GATE
+    prompt_call = 2 * (GATE - 1)
+    (text,) = set(counts[prompt_call])
+    for call in range(2 * GATE, len(keys)):
+        assert torch.equal(keys[call][:, :text], keys[prompt_call][:, :text])
+        assert torch.equal(outputs[call][:, :text], outputs[prompt_call][:, :text])
+        assert not torch.equal(keys[call][:, text:], keys[call - 1][:, text:]), "the image rows are computed"
+
+    # the gate step's two calls ran over their own text rows and the image rows, the prompt's call
+    # after the gate over the image rows alone
+    image = keys[prompt_call].shape[1] - text
+    rows = keys[prompt_call].shape[1] + keys[prompt_call + 1].shape[1]
+    prefix = f"{type(transformer).__name__}.layers.0."
+    at_gate = _step_counter(LUMINA2.build(), GATE, LUMINA2).get_flop_counts()
+    after = _step_counter(
+        tgate_kernels.enable(LUMINA2.build(), gate_step=GATE, sp_interval=1, warm_up=0, **LUMINA2.settings), GATE, LUMINA2,
+    ).get_flop_counts()
+    for module in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "feed_forward"):
+        plain, gated = sum(at_gate[prefix + module].values()), sum(after[prefix + module].values())
+        assert gated * rows == plain * image, module
+
+
+def test_lumina2_texts_of_different_lengths_in_one_batch_give_each_prompt_its_own_image():
+    """Each sample's text rows are its own count, its image rows after them and the padding after
+    those: two prompts (and negative prompts) of different lengths in one call give what each
+    gives alone from the same noise."""
+    prompts, negatives = ["a tiny red fox", "a cat on a big green mat in the sun"], ["blurry", "low quality, blurry, dark"]
+    pipe = tgate_kernels.enable(LUMINA2.build(), gate_step=GATE, sp_interval=2, warm_up=1, **LUMINA2.settings)
+    lengths = [len(pipe.tokenizer(p).input_ids) for p in prompts + negatives]
+    assert lengths[0] != lengths[1] and lengths[2] != lengths[3]
+    call = {k: v for k, v in LUMINA2.call_kwargs(STEPS).items() if k not in ("prompt", "negative_prompt", "generator")}
+    noise = torch.randn(2, pipe.transformer.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def run(pipe, *samples):
+        with torch.no_grad():
+            return pipe(
+                prompt=[prompts[i] for i in samples], negative_prompt=[negatives[i] for i in samples],
+                latents=noise[list(samples)], **call,
+            ).images
+
+    together = run(pipe, 0, 1)
+    alone = torch.cat([run(pipe, 0), run(pipe, 1)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
+    assert (together - run(LUMINA2.build(), 0, 1)).abs().max() > 1e-3, "T-GATE changed the images"
+
+
+def test_lumina2_under_compile_runs_eagerly_with_a_warning_and_gives_eager_t_gates_latents_every_time():
+    """Lumina 2's transformer breaks the graph (it reads its text lengths to the host): the graphs
+    after the break would read the caches of the generation they were traced in. It is not
+    compiled; every generation gives eager T-GATE's latents."""
+    schedule = dict(gate_step=GATE, sp_interval=1, warm_up=0, **LUMINA2.settings)
+    eager = _latents(tgate_kernels.enable(LUMINA2.build(), **schedule), family=LUMINA2)
+    torch._dynamo.reset()
+    pipe = tgate_kernels.enable(LUMINA2.build(), **schedule, compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile of transformer failed .*T-GATE runs it eagerly instead"):
+        first = _latents(pipe, family=LUMINA2)
+    for latents in (first, _latents(pipe, family=LUMINA2)):
+        torch.testing.assert_close(latents, eager, rtol=0, atol=1e-6)

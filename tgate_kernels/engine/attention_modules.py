@@ -119,6 +119,15 @@ _TEXT_FEED_FORWARDS = ("ff_context", "txt_mlp")
 _TEXT_REFINERS = frozenset({"HunyuanVideoTokenRefiner"})
 """Modules that rework the prompt's embeddings for the text stream every step (their output
 reaches the image only through the text-stream modules, frozen after the gate)."""
+_TEXT_REFINER_LISTS = frozenset({"context_refiner"})
+"""A denoiser's attributes listing blocks that do that on the text rows alone (Lumina 2's)."""
+
+
+def _is_text_refiner(name: str, module: torch.nn.Module) -> bool:
+    if type(module).__name__ in _TEXT_REFINERS:
+        return True
+    parent, _, index = name.rpartition(".")
+    return parent in _TEXT_REFINER_LISTS and index.isdigit()
 
 
 def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
@@ -128,14 +137,14 @@ def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
     Qwen-Image's ``txt_mlp``); the image tokens see the text only through the keys and values
     these give the joint attention. A single-stream block (a registered class) is one entry: the
     block itself, whose text rows :mod:`tgate_kernels.hooks.text_rows` freezes. A text refiner
-    running before the blocks (HunyuanVideo's) is frozen too."""
+    running before the blocks (HunyuanVideo's, Lumina 2's) is frozen too."""
     modules = dict(denoiser.named_modules())
     found = []
     for name, module in modules.items():
-        if type(module).__name__ in _TEXT_REFINERS:
+        if _is_text_refiner(name, module):
             found.append(HookableAttention(name, module, AttentionKind.TEXT))
             continue
-        layout = single_stream_layout(module)
+        layout = single_stream_layout(module, name)
         if layout is not None:
             found.append(HookableAttention(name, module, AttentionKind.TEXT, layout))
             continue

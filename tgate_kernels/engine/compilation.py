@@ -12,6 +12,12 @@ default on every device; plain inductor is no faster than eager on a CPU. ``mode
 ``"max-autotune"`` on CUDA) adds inductor's settings of that mode. A backend or mode that does
 not exist is refused by ``enable``; any failure while compiling (no C++ compiler, a backend that
 breaks) falls back to eager with one warning naming the cause.
+
+A denoiser is compiled whole (``fullgraph``): the step's tensors enter the graph as inputs of its
+first frame only, so a graph break inside the denoiser (Lumina 2's transformer reads its text
+lengths to the host) would leave the graphs after it reading them as attributes, folded or
+guarded by identity, and a later generation would reuse the first one's caches. Such a denoiser
+runs eagerly instead, with the warning.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ def compile_arguments(options: CompileOptions) -> tuple[dict[str, Any], dict[str
     which cannot be frozen), so inductor's settings are held around every call instead of passed
     as ``options``."""
     if options.backend != "inductor":
-        return dict(backend=options.backend, mode=options.mode, dynamic=options.dynamic, options=options.options or None), {}
+        return dict(
+            backend=options.backend, mode=options.mode, dynamic=options.dynamic, options=options.options or None, fullgraph=True,
+        ), {}
     settings = _compat.inductor_mode_settings(options.mode)
     settings["freezing"] = True if options.freezing is None else options.freezing
     settings.update(options.options)
-    return dict(backend="inductor", dynamic=options.dynamic), settings
+    return dict(backend="inductor", dynamic=options.dynamic, fullgraph=True), settings
 
 
 class CompiledForward:

@@ -64,6 +64,9 @@ class CallContext:
         """Sees every cross-attention output computed in a guided call (the auto gate, while it chooses)."""
         self.text_rows: tuple[DenoiserCall, int] | None = None
         """The call in which a dual-stream block's text stream last ran, and its text rows."""
+        self.text_lengths: tuple[DenoiserCall, int | tuple[int, ...]] | None = None
+        """The call whose text mask was last read, and each sample's text rows by it (one count
+        where they are all equal)."""
 
 
 class GenerationState:

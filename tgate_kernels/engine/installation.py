@@ -30,7 +30,7 @@ from ..hooks.block_fast_path import BlockFastPathHook, supports_fast_path
 from ..hooks.denoiser import DenoiserHook
 from ..hooks.pipeline_loop import GenerationTracker, Opening
 from ..hooks.registry import attach, attached, detach
-from ..hooks.text_rows import TextRowsHook
+from ..hooks.text_rows import TextRowsHook, text_mask_taps
 from .generation import GenerationState
 from .pag import PagAfterGate
 from .pipeline_parts import check_pipeline, components, guidance_tracker, pipeline_parts
@@ -82,6 +82,9 @@ class TgateController:
                 hook = DenoiserHook(self.state, denoiser.attribute, denoiser.main, arguments)
                 self._attach(denoiser.module, hook)
                 self.state.add_stateful_hook(hook)
+                layouts = [a.single_stream for a in denoiser.attentions if a.single_stream is not None]
+                for module, tap in text_mask_taps(self.state, denoiser.module, layouts):
+                    self._attach(module, tap)
                 for attention in denoiser.attentions:
                     if attention.single_stream is not None:
                         cache = TextRowsHook(

@@ -120,6 +120,30 @@ register(Family(
 ))
 
 
+# Lumina 2's layers take one joined sequence: each sample's text tokens (as many as its mask
+# says), its image tokens after them (their positions counted from the text's end), shorter
+# texts padded after the image. Its text refiner (`context_refiner`) is frozen as a text stream.
+register_single_stream(SingleStreamBlock(
+    "Lumina2TransformerBlock", text_argument=None, row_modules=("attn.to_out.0", "feed_forward"),
+    text_mask=("rope_embedder", "attention_mask"), under="layers",
+))
+
+
+def _own_text(config) -> str | None:
+    """Lumina 2's prompt and negative prompt give texts of their own lengths, which place the
+    image tokens at their own rows: no mean of the two exists, the prompt's part keeps its own."""
+    if config.gate_cache is GateCache.KEPT_PART:
+        return None
+    return (
+        "gate_cache='kept-part' (the prompt's and the negative prompt's texts join the image tokens at rows of "
+        "their own lengths, so no mean of the two text streams exists: after the gate the prompt's part runs with "
+        f"the text stream it cached itself); got gate_cache={config.gate_cache.value!r}"
+    )
+
+
+register(Family("lumina2", pipelines=("Lumina2Pipeline",), conditioning=Conditioning.JOINT_ATTENTION, needs=_own_text))
+
+
 # Joint-attention families whose text rows T-GATE cannot yet freeze correctly: refused at
 # `enable`, each with what stands in the way.
 _NOT_YET = "; T-GATE does not freeze that text stream yet, and would otherwise leave it neither frozen nor computed"
@@ -133,9 +157,6 @@ for _name, _pipelines, _why in (
     ("consisid", ("ConsisIDPipeline",),
      "joint attention as CogVideoX's, with a face extractor's cross-attention between its blocks, which T-GATE "
      "does not know how to gate"),
-    ("lumina2", ("Lumina2Pipeline",),
-     "joint attention over one sequence joining the text and image tokens in every layer, with no separate text "
-     "stream, after a text refiner that runs every step" + _NOT_YET),
     ("hidream", ("HiDreamImagePipeline",),
      "joint attention fed by a Llama layer's text states in every block, with single-stream blocks that take "
      "one joined sequence" + _NOT_YET),

@@ -80,6 +80,14 @@ class SingleStreamBlock:
     modules and each projection computes the image rows alone; the text rows a projection gives
     are the ones it gave at the gate, the others' zeros, which reach nothing but the block's text
     output (replaced by the gate step's). Only the attention's text query rows are still computed.
+
+    A block taking one joined sequence with no dual-stream block before it to count the text rows
+    (Lumina 2's) says where its denoiser reads each sample's text mask: ``text_mask`` names the
+    denoiser's submodule and that module's argument (a boolean or 0/1 mask, one row a sample).
+    Each sample's text rows are its mask's count, its image rows follow them, and a sample whose
+    text is shorter than the longest is padded after its image rows. ``under`` names the
+    denoiser's attribute holding the blocks, where the same class also builds blocks of another
+    role (Lumina 2's refiners of the text alone and of the image alone).
     """
 
     block: str
@@ -90,6 +98,8 @@ class SingleStreamBlock:
     attention: str = "attn"
     projections: tuple[str, ...] = ("to_q", "to_k", "to_v")
     row_modules: tuple[str, ...] = ()
+    text_mask: tuple[str, str] | None = None
+    under: str | None = None
 
     @property
     def keeps_text_rows(self) -> bool:
@@ -124,10 +134,14 @@ def register_single_stream(layout: SingleStreamBlock) -> SingleStreamBlock:
     return layout
 
 
-def single_stream_layout(module) -> SingleStreamBlock | None:
-    """How ``module`` lays out its text rows, if it is a registered single-stream block."""
+def single_stream_layout(module, name: str | None = None) -> SingleStreamBlock | None:
+    """How ``module`` (``name``: its dotted path in its denoiser) lays out its text rows, if it is
+    a registered single-stream block there."""
     _registered()
-    return next((_SINGLE_STREAM[name] for name in _class_names(module) if name in _SINGLE_STREAM), None)
+    layout = next((_SINGLE_STREAM[c] for c in _class_names(module) if c in _SINGLE_STREAM), None)
+    if layout is not None and layout.under is not None and (name is None or name.split(".")[0] != layout.under):
+        return None
+    return layout
 
 
 def _class_names(obj) -> list[str]:

@@ -41,25 +41,53 @@ class RowsMode(enum.Enum):
     INJECT = "inject"
 
 
+TextCount = int | tuple[int, ...]
+"""A call's text rows: one count for every sample, or each sample's (text first, then its image
+rows, then padding up to the longest sample's; see ``SingleStreamBlock.text_mask``)."""
+
+
+def _widest(count: TextCount) -> int:
+    return max(count) if isinstance(count, tuple) else count
+
+
+def _image_index(count: tuple[int, ...], image_rows: int, like: torch.Tensor) -> torch.Tensor:
+    """The rows of each sample's image, as an index for ``gather``/``scatter`` along dim 1 of ``like``."""
+    start = torch.tensor(count, device=like.device)
+    index = start[:, None] + torch.arange(image_rows, device=like.device)
+    return index.view(*index.shape, *([1] * (like.ndim - 2))).expand(-1, -1, *like.shape[2:])
+
+
 class BlockRows:
     """What one block's taps do in its running call, set by the block's hook."""
 
     def __init__(self, layout: SingleStreamBlock) -> None:
         self.layout = layout
         self.mode = RowsMode.PASS
-        self.text_rows = 0
+        self.text_rows: TextCount = 0
         self.captured: dict[str, torch.Tensor] = {}
         self.injected: dict[str, torch.Tensor] = {}
 
-    def text_of(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+    def text_of(self, rows: torch.Tensor, count: TextCount) -> torch.Tensor:
+        """The text rows of ``rows`` (each sample's, padded to the longest text's)."""
+        count = _widest(count)
         return rows[:, :count] if self.layout.text_first else rows[:, rows.shape[1] - count:]
 
-    def image_of(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+    def image_of(self, rows: torch.Tensor, count: TextCount) -> torch.Tensor:
+        if isinstance(count, tuple):
+            return rows.gather(1, _image_index(count, rows.shape[1] - max(count), rows))
         return rows[:, count:] if self.layout.text_first else rows[:, : rows.shape[1] - count]
 
-    def joined(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        pieces = (text.to(image.dtype), image) if self.layout.text_first else (image, text.to(image.dtype))
-        return torch.cat(pieces, dim=1)
+    def joined(self, text: torch.Tensor, image: torch.Tensor, count: TextCount) -> torch.Tensor:
+        """The joint sequence of ``text`` (as :meth:`text_of` gives it) and ``image`` rows."""
+        text = text.to(image.dtype)
+        if isinstance(count, tuple):
+            longest = max(count)
+            # a shorter text's rows past its own end are another row's: its padding is zeros
+            own = torch.arange(longest, device=text.device)[None, :] < torch.tensor(count, device=text.device)[:, None]
+            joined = image.new_zeros(image.shape[0], longest + image.shape[1], *image.shape[2:])
+            joined[:, :longest] = text * own.view(*own.shape, *([1] * (text.ndim - 2)))
+            return joined.scatter(1, _image_index(count, image.shape[1], image), image)
+        return torch.cat((text, image) if self.layout.text_first else (image, text), dim=1)
 
     def image_rows_through(self, fn_ref, args: tuple, kwargs: dict) -> torch.Tensor:
         """A row-wise module's output on the image rows of its input (its first argument)."""
@@ -83,9 +111,9 @@ class ProjectionTap(TgateHook):
     def forward_in_generation(self, module, *args, **kwargs):
         rows = self.rows
         if rows.mode is RowsMode.INJECT:
-            if rows.layout.keeps_text_rows:
-                return rows.joined(rows.injected[self.projection], rows.image_rows_through(self.fn_ref, args, kwargs))
-            return rows.joined(rows.injected[self.projection], self.fn_ref.original_forward(*args, **kwargs))
+            image = (rows.image_rows_through(self.fn_ref, args, kwargs) if rows.layout.keeps_text_rows
+                     else self.fn_ref.original_forward(*args, **kwargs))
+            return rows.joined(rows.injected[self.projection], image, rows.text_rows)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if rows.mode is RowsMode.CAPTURE:
             rows.captured[self.projection] = rows.text_of(output, rows.text_rows)
@@ -108,7 +136,8 @@ class RowTap(TgateHook):
         if rows.mode is not RowsMode.INJECT:
             return self.fn_ref.original_forward(*args, **kwargs)
         image = rows.image_rows_through(self.fn_ref, args, kwargs)
-        return rows.joined(image.new_zeros(image.shape[0], rows.text_rows, *image.shape[2:]), image)
+        text = image.new_zeros(image.shape[0], _widest(rows.text_rows), *image.shape[2:])
+        return rows.joined(text, image, rows.text_rows)
 
 
 class AttentionTap(TgateHook):
@@ -161,11 +190,20 @@ class TextRowsHook(AttentionCacheHook):
     def _arguments(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
         return self._signature.bind(*args, **kwargs)
 
-    def _text_count(self, bound: inspect.BoundArguments) -> int:
+    def _text_count(self, bound: inspect.BoundArguments) -> TextCount:
         """The text rows of this call of the block."""
         if self.layout.text_argument is not None:
             return bound.arguments[self.layout.text_argument].shape[1]
         context = self.state.context
+        if self.layout.text_mask is not None:
+            seen = context.text_lengths
+            if seen is None or seen[0] is not context.call:
+                module, argument = self.layout.text_mask
+                raise RuntimeError(
+                    f"`{self.key}` takes its text and image rows joined, and its denoiser's `{module}` did not read "
+                    f"the text mask (`{argument}`) in this call of `{self.denoiser}` to say how many of the rows are text."
+                )
+            return seen[1]
         seen = context.text_rows
         if seen is None or seen[0] is not context.call:
             raise RuntimeError(
@@ -174,18 +212,12 @@ class TextRowsHook(AttentionCacheHook):
             )
         return seen[1]
 
-    def _split(self, output, text_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, output, text_rows: TextCount) -> tuple[torch.Tensor, torch.Tensor]:
         """(text output, image output) of the block's output."""
         if self.layout.text_argument is None:
-            return output[:, :text_rows], output[:, text_rows:]
+            return self.rows.text_of(output, text_rows), self.rows.image_of(output, text_rows)
         first, second = output
         return (first, second) if self.layout.returns_text_first else (second, first)
-
-    def _joined(self, text_output: torch.Tensor, image_output: torch.Tensor):
-        """The block's output from its text and image outputs."""
-        if self.layout.text_argument is None:
-            return torch.cat([text_output, image_output], dim=1)
-        return (text_output, image_output) if self.layout.returns_text_first else (image_output, text_output)
 
     def computed(self, keeps: bool, args: tuple, kwargs: dict):
         """The block's output and its text rows' count, with (``keeps``) what is cached of it: its
@@ -223,28 +255,61 @@ class TextRowsHook(AttentionCacheHook):
 
     def reused(self, cached: torch.Tensor, args: tuple, kwargs: dict):
         rows = self.rows
-        count = cached.shape[1]
+        bound = self._arguments(args, kwargs)
+        # each sample's count, where the mask gives them, else the rows the gate step cached
+        count = self._text_count(bound) if self.layout.text_mask is not None else cached.shape[1]
         width = cached.shape[-1] - sum(self.widths)
         text_output, *projected = cached.split([width, *self.widths], dim=-1)
-        bound = self._arguments(args, kwargs)
-        if self.layout.keeps_text_rows:
-            pass  # the block cuts its sequence by the text rows' count: the taps skip their work instead
-        elif self.layout.text_argument is None:
-            joined = bound.arguments[self.layout.image_argument]
-            bound.arguments[self.layout.image_argument] = joined[:, count:]
+        layout = self.layout
+        if layout.keeps_text_rows:
+            pass  # the block cannot run without its text rows: the taps skip their work instead
+        elif layout.text_argument is None:
+            bound.arguments[layout.image_argument] = rows.image_of(bound.arguments[layout.image_argument], count)
         else:
-            bound.arguments[self.layout.text_argument] = bound.arguments[self.layout.text_argument][:, :0]
+            bound.arguments[layout.text_argument] = bound.arguments[layout.text_argument][:, :0]
         rows.mode, rows.text_rows = RowsMode.INJECT, count
         rows.injected = dict(zip(self.projections, projected))
         try:
             output = self.fn_ref.original_forward(*bound.args, **bound.kwargs)
         finally:
             rows.mode, rows.injected = RowsMode.PASS, {}
-        _, image_output = self._split(output, 0)
-        return self._joined(text_output.to(image_output.dtype), image_output)
+        if layout.text_argument is None:
+            image_output = rows.image_of(output, count) if layout.keeps_text_rows else output
+            return rows.joined(text_output, image_output, count)
+        text_output = text_output.to(output[0].dtype)
+        image_output = output[1] if layout.returns_text_first else output[0]
+        return (text_output, image_output) if layout.returns_text_first else (image_output, text_output)
+
+
+class TextMaskTap(TgateHook):
+    """On the denoiser's module that reads the text mask (``SingleStreamBlock.text_mask``):
+    records each sample's text rows for the blocks of this call (one host read a call, as the
+    module itself makes)."""
+
+    name = "tgate_text_rows_mask"
+
+    def __init__(self, state: GenerationState, module: torch.nn.Module, argument: str) -> None:
+        super().__init__(state)
+        self.argument = argument
+        self._signature = inspect.signature(module.forward)
+
+    def forward_in_generation(self, module, *args, **kwargs):
+        context = self.state.context
+        if context.call is not None:
+            mask = self._signature.bind(*args, **kwargs).arguments[self.argument]
+            counts = tuple(int(c) for c in mask.sum(dim=1).tolist())
+            context.text_lengths = (context.call, counts[0] if len(set(counts)) == 1 else counts)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def text_mask_taps(state: GenerationState, denoiser: torch.nn.Module, layouts) -> list[tuple[torch.nn.Module, TgateHook]]:
+    """One tap on each module of ``denoiser`` that the single-stream ``layouts`` read their text masks from."""
+    places = sorted({layout.text_mask for layout in layouts if layout.text_mask is not None})
+    return [(denoiser.get_submodule(path), TextMaskTap(state, denoiser.get_submodule(path), argument)) for path, argument in places]
 
 
 _compat.diffusers_hook(ProjectionTap, stateful=False)
 _compat.diffusers_hook(AttentionTap, stateful=False)
 _compat.diffusers_hook(RowTap, stateful=False)
+_compat.diffusers_hook(TextMaskTap, stateful=False)
 _compat.diffusers_hook(TextRowsHook, stateful=True)
