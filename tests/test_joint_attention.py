@@ -16,7 +16,7 @@ from fixtures.families import FAMILIES
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
 FLUX = FAMILIES["flux"]
-JOINT = ["sd3", "flux", "flux2-klein", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video", "lumina2"]
+JOINT = ["sd3", "flux", "flux2-klein", "qwenimage", "chroma", "aura-flow", "cogvideox", "hunyuan-video", "lumina2", "hidream"]
 
 
 def _latents(pipe, steps=STEPS, family=SD3, **changes):
@@ -200,18 +200,28 @@ def test_a_single_stream_block_runs_on_its_image_rows_beside_the_gate_steps_text
         assert torch.equal(text_outputs[call], (gate_text[0] + gate_text[1]) / 2)
 
 
-@pytest.mark.parametrize("name", ["chroma", "aura-flow", "flux2-klein"])
+# single-stream blocks taking one joined sequence: the text rows first (Chroma's, AuraFlow's,
+# FLUX.2's) or last (HiDream's)
+JOINED = {
+    "chroma": "single_transformer_blocks.0", "aura-flow": "single_transformer_blocks.0",
+    "flux2-klein": "single_transformer_blocks.0", "hidream": "single_stream_blocks.0.block",
+}
+
+
+@pytest.mark.parametrize("name", sorted(JOINED))
 def test_a_single_stream_block_on_a_joined_sequence_keeps_the_gate_steps_text_rows(name):
-    """Chroma's, AuraFlow's and FLUX.2's single-stream blocks take the text and image rows joined:
-    after the gate they get the image rows alone, and give back the gate step's text rows before them."""
+    """Chroma's, AuraFlow's, FLUX.2's and HiDream's single-stream blocks take the text and image
+    rows joined: after the gate they get the image rows alone, and give back the gate step's text
+    rows beside them."""
     from tgate_kernels.families.registry import single_stream_layout
 
     family = FAMILIES[name]
     pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
-    block = pipe.transformer.single_transformer_blocks[0]
+    block = pipe.transformer.get_submodule(JOINED[name])
+    layout = single_stream_layout(block)
     # the rows the block's layers run on, and the text rows the attention gets: its last
     # projection's input and output (FLUX.2's one fused projection of q, k, v and the MLP input)
-    projection = getattr(block.attn, single_stream_layout(block).projections[-1])
+    projection = getattr(getattr(block, layout.attention), layout.projections[-1])
     inputs, keys, outputs = [], [], []
     projection.register_forward_hook(lambda m, args, out: inputs.append(args[0].shape[1]))
     block.register_forward_hook(lambda m, args, out: outputs.append(out.detach().clone()))
@@ -219,6 +229,7 @@ def test_a_single_stream_block_on_a_joined_sequence_keeps_the_gate_steps_text_ro
     _latents(pipe, family=family)
     rows = outputs[0].shape[1]
     text_rows = rows - inputs[-1]
+    text_of = (lambda t: t[:, :text_rows]) if layout.text_first else (lambda t: t[:, rows - text_rows:])
     assert 0 < text_rows < rows and all(count == rows for count in inputs[: len(inputs) - (STEPS - GATE)])
     after = range(len(inputs) - (STEPS - GATE), len(inputs))
     gate_calls = [i for i in range(len(inputs)) if i < after[0]][-2:]
@@ -231,8 +242,8 @@ def test_a_single_stream_block_on_a_joined_sequence_keeps_the_gate_steps_text_ro
     for call in after:
         assert inputs[call] == rows - text_rows, "after the gate the block takes the image rows alone"
         assert outputs[call].shape[1] == rows
-        torch.testing.assert_close(outputs[call][:, :text_rows], (negative[:, :text_rows] + prompt[:, :text_rows]) / 2, rtol=0, atol=1e-6)
-        torch.testing.assert_close(keys[call][:, :text_rows], (negative_keys[:, :text_rows] + prompt_keys[:, :text_rows]) / 2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(text_of(outputs[call]), (text_of(negative) + text_of(prompt)) / 2, rtol=0, atol=1e-6)
+        torch.testing.assert_close(text_of(keys[call]), (text_of(negative_keys) + text_of(prompt_keys)) / 2, rtol=0, atol=1e-6)
 
 
 # blocks that cut their sequence by the text rows' count, so they keep their text rows after the gate
@@ -327,6 +338,18 @@ def _image():
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
+def _sd3_components_of_16_latent_channels():
+    from fixtures.families_image import _flow_vae
+
+    components = SD3.build().components
+    config = {**components["transformer"].config, "in_channels": 16, "out_channels": 16}
+    config.pop("_use_default_values", None)
+    torch.manual_seed(0)
+    components["transformer"] = type(components["transformer"]).from_config(config)
+    components["vae"] = _flow_vae(0, levels=2, latent_channels=16)
+    return components
+
+
 def _flux_components(in_channels=None):
     """The tiny FLUX's components; ``in_channels``: a transformer taking the control or fill
     channels beside the latents (Control, Fill)."""
@@ -402,6 +425,11 @@ def _frames(count=8):
     return [Image.fromarray(pixels)] * count
 
 VARIANTS = {
+    "StableDiffusion3Img2ImgPipeline": (SD3, lambda: SD3.build().components, dict(image=_image(), strength=0.9)),
+    # its inpainting takes 16 latent channels (or 33 with the mask and masked image's)
+    "StableDiffusion3InpaintPipeline": (
+        SD3, _sd3_components_of_16_latent_channels, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9),
+    ),
     "ChromaImg2ImgPipeline": (CHROMA, lambda: CHROMA.build().components, dict(image=_image(), strength=0.9)),
     "StableDiffusion3ControlNetPipeline": (SD3, _sd3_controlnet_components, dict(control_image=_image())),
     "StableDiffusion3ControlNetInpaintingPipeline": (
@@ -637,3 +665,57 @@ def test_lumina2_under_compile_runs_eagerly_with_a_warning_and_gives_eager_t_gat
         first = _latents(pipe, family=LUMINA2)
     for latents in (first, _latents(pipe, family=LUMINA2)):
         torch.testing.assert_close(latents, eager, rtol=0, atol=1e-6)
+
+
+def test_hidream_freezes_the_text_projections_and_feed_forward_of_its_dual_stream_blocks():
+    """HiDream names its text stream's modules ``to_*_t`` and ``ff_t``; its guided Llama states
+    carry the parts along their second dimension (one slice per layer first)."""
+    family = FAMILIES["hidream"]
+    pipe = tgate_kernels.enable(family.build(), gate_step=GATE, sp_interval=1, warm_up=0)
+    attentions = tgate_kernels.view(pipe).attentions
+    text = sorted(a.name for a in attentions if a.kind is AttentionKind.TEXT)
+    double = "double_stream_blocks.0.block"
+    assert text == sorted([f"{double}.attn1.to_{p}_t" for p in ("q", "k", "v", "out")] + [f"{double}.ff_t", "single_stream_blocks.0.block"])
+    assert sorted(a.name for a in attentions if a.kind is AttentionKind.JOINT) == [f"{double}.attn1", "single_stream_blocks.0.block.attn1"]
+    keys, llama = [], []
+    pipe.transformer.get_submodule(double).attn1.to_k_t.register_forward_hook(lambda m, a, out: keys.append(out.detach().clone()))
+    # the projection of the first Llama layer's states the transformer picked: the guided batch
+    # before the gate, the kept part's rows after it
+    pipe.transformer.caption_projection[0].register_forward_hook(lambda m, args, out: llama.append(args[0].shape[0]))
+    _latents(pipe, family=family)
+    negative, prompt = keys[GATE - 1].chunk(2)
+    for step in range(GATE, STEPS):
+        assert torch.equal(keys[step], (negative + prompt) / 2), step
+    assert llama == [2] * GATE + [1] * (STEPS - GATE)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("offload", ["model", "group"])
+def test_offloading_in_either_order_keeps_every_call_gated(name, offload):
+    """accelerate's model offloading (hooks re-applied after every call) and diffusers' group
+    offloading of the transformer, set before or after ``enable``: every call gives what T-GATE
+    gives without offloading, and ``disable`` gives the plain pipeline's."""
+    family = FAMILIES[name]
+    expected = _latents(tgate_kernels.enable(family.build(), gate_step=GATE), family=family)
+    plain = _latents(family.build(), family=family)
+
+    def offloaded(pipe):
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device="cpu")
+        else:
+            pipe.transformer.enable_group_offload(
+                onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level",
+                num_blocks_per_group=1,
+            )
+
+    for order in ("offload-then-enable", "enable-then-offload"):
+        pipe = family.build()
+        if order == "enable-then-offload":
+            tgate_kernels.enable(pipe, gate_step=GATE)
+        offloaded(pipe)
+        if order == "offload-then-enable":
+            tgate_kernels.enable(pipe, gate_step=GATE)
+        for call in range(2):
+            assert torch.equal(_latents(pipe, family=family), expected), (order, call)
+        tgate_kernels.disable(pipe)
+        assert torch.equal(_latents(pipe, family=family), plain), order

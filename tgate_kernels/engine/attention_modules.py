@@ -86,8 +86,11 @@ def _residual_processors() -> tuple[type, ...]:
 
 
 def is_joint_attention(module: torch.nn.Module) -> bool:
-    # MochiAttention keeps no `added_kv_proj_dim`, only the projections it builds from it
-    return getattr(module, "added_kv_proj_dim", None) is not None or isinstance(getattr(module, "add_k_proj", None), torch.nn.Module)
+    # MochiAttention keeps no `added_kv_proj_dim`, only the projections it builds from it;
+    # HiDream's names its text projections `to_*_t`
+    return getattr(module, "added_kv_proj_dim", None) is not None or any(
+        isinstance(getattr(module, name, None), torch.nn.Module) for name in ("add_k_proj", "to_k_t")
+    )
 
 
 def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:
@@ -114,8 +117,8 @@ def attention_kind(module: torch.nn.Module, place: str) -> AttentionKind | None:
     return None
 
 
-_TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-_TEXT_FEED_FORWARDS = ("ff_context", "txt_mlp")
+_TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t")
+_TEXT_FEED_FORWARDS = ("ff_context", "txt_mlp", "ff_t")
 _TEXT_REFINERS = frozenset({"HunyuanVideoTokenRefiner"})
 """Modules that rework the prompt's embeddings for the text stream every step (their output
 reaches the image only through the text-stream modules, frozen after the gate)."""
@@ -133,8 +136,8 @@ def _is_text_refiner(name: str, module: torch.nn.Module) -> bool:
 def text_stream_modules(denoiser: torch.nn.Module) -> list[HookableAttention]:
     """The modules of the text stream of every joint-attention block of ``denoiser``. In a
     dual-stream block: the joint attention's text projections (``add_q_proj``, ``add_k_proj``,
-    ``add_v_proj``, ``to_add_out``) and the block's text feed-forward (``ff_context``,
-    Qwen-Image's ``txt_mlp``); the image tokens see the text only through the keys and values
+    ``add_v_proj``, ``to_add_out``; HiDream's ``to_*_t``) and the block's text feed-forward
+    (``ff_context``, Qwen-Image's ``txt_mlp``, HiDream's ``ff_t``); the image tokens see the text only through the keys and values
     these give the joint attention. A single-stream block (a registered class) is one entry: the
     block itself, whose text rows :mod:`tgate_kernels.hooks.text_rows` freezes. A text refiner
     running before the blocks (HunyuanVideo's, Lumina 2's) is frozen too."""

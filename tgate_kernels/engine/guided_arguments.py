@@ -22,11 +22,11 @@ CARRY_PARTS = frozenset(
         # the latents and the text
         "sample", "hidden_states", "encoder_hidden_states", "encoder_hidden_states_t5",
         "encoder_hidden_states_image", "encoder_hidden_states_mask", "encoder_attention_mask", "encoder_mask",
-        "encoder_hidden_states_1", "encoder_attention_mask_1",
+        "encoder_hidden_states_1", "encoder_attention_mask_1", "encoder_hidden_states_llama3", "pooled_embeds",
         "attention_mask", "text_embedding_mask", "text_embedding_mask_t5", "pooled_projections",
         "global_hidden_states",
         # per-sample conditioning
-        "timestep", "timestep_cond", "class_labels", "added_cond_kwargs", "added_time_ids", "image_meta_size",
+        "timestep", "timesteps", "timestep_cond", "class_labels", "added_cond_kwargs", "added_time_ids", "image_meta_size",
         "style", "guidance", "fps", "ofs", "additional_t_cond", "condition_mask", "padding_mask", "video_coords",
         "image_latents", "image_embeddings",
         # control
@@ -54,11 +54,15 @@ TEXT = frozenset(
         "encoder_hidden_states", "encoder_hidden_states_t5", "encoder_hidden_states_1", "encoder_attention_mask",
         "encoder_attention_mask_1", "encoder_hidden_states_mask", "encoder_mask", "attention_mask", "text_embedding_mask",
         "text_embedding_mask_t5", "pooled_projections", "global_hidden_states", "text_rope_pos", "txt_ids",
-        "prompt_embeds", "added_cond_kwargs",
+        "prompt_embeds", "added_cond_kwargs", "encoder_hidden_states_llama3", "pooled_embeds",
     }
 )
 """Arguments through which the prompt (or the negative prompt) reaches a denoiser: the only ones
 in which separate calls per guidance part may differ."""
+
+PARTS_ALONG = {"encoder_hidden_states_llama3": 1}
+"""Arguments whose rows per part lie along another dimension than the first (HiDream's Llama
+states, one slice per layer first)."""
 
 CARRY_PARTS_WITHIN = {"cross_attention_kwargs": frozenset({"gligen"})}
 """Entries of shared arguments that hold one block of rows per part (GLIGEN's grounding boxes,
@@ -175,6 +179,9 @@ def _has_rows(value, rows: int) -> bool:
 
 
 def _cut(name: str, value, parts: tuple, runs: tuple, kept: str, interleaved: frozenset[str]):
+    along = PARTS_ALONG.get(name)
+    if along is not None and isinstance(value, torch.Tensor):
+        return _cut(f"{name}[dim {along}]", value.movedim(along, 0), parts, runs, kept, interleaved).movedim(0, along)
     if isinstance(value, torch.Tensor):
         if value.ndim == 0 or value.shape[0] == 1:
             return value  # broadcast over the batch

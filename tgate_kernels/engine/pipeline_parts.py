@@ -23,7 +23,7 @@ SUPPORTED_PIPELINES = (
     "Sana, Hunyuan-DiT, Lumina-Next, Stable Video Diffusion, AnimateDiff, Latte, Allegro, LTX-Video, Wan 2.1/2.2, "
     "SkyReels-V2, Cosmos, Kandinsky 5, Stable Audio; and of the joint-attention families, Stable Diffusion 3/3.5 "
     "(text-to-image, img2img, inpaint, ControlNet), FLUX.1 (with img2img, inpaint, Fill, Kontext, Control, ControlNet), "
-    "FLUX.2, Chroma, AuraFlow, Qwen-Image (with img2img, inpaint), HunyuanVideo, CogVideoX and Mochi"
+    "FLUX.2, Chroma, AuraFlow, Qwen-Image (with img2img, inpaint), HunyuanVideo, CogVideoX, Mochi, HiDream-I1 and Lumina 2"
 )
 
 

@@ -120,6 +120,14 @@ register(Family(
 ))
 
 
+# HiDream's dual-stream blocks take the text stream joined with one Llama layer's states each,
+# its single-stream blocks one joined sequence, the image rows first, as many text rows after
+# them as the dual-stream blocks' text
+register_single_stream(SingleStreamBlock("HiDreamImageSingleTransformerBlock", text_argument=None, text_first=False, attention="attn1"))
+
+register(Family("hidream", pipelines=("HiDreamImagePipeline",), conditioning=Conditioning.JOINT_ATTENTION))
+
+
 # Lumina 2's layers take one joined sequence: each sample's text tokens (as many as its mask
 # says), its image tokens after them (their positions counted from the text's end), shorter
 # texts padded after the image. Its text refiner (`context_refiner`) is frozen as a text stream.
@@ -157,9 +165,6 @@ for _name, _pipelines, _why in (
     ("consisid", ("ConsisIDPipeline",),
      "joint attention as CogVideoX's, with a face extractor's cross-attention between its blocks, which T-GATE "
      "does not know how to gate"),
-    ("hidream", ("HiDreamImagePipeline",),
-     "joint attention fed by a Llama layer's text states in every block, with single-stream blocks that take "
-     "one joined sequence" + _NOT_YET),
     ("stable-diffusion-3-pag", ("StableDiffusion3PAGPipeline", "StableDiffusion3PAGImg2ImgPipeline"),
      "joint attention whose PAG processor runs the text stream's projections once for the guided parts and "
      "once for the perturbed part of each batch" + _NOT_YET),
