@@ -175,3 +175,26 @@ def test_the_loaders_refuse_what_enable_refuses():
     with pytest.raises(ValueError, match="`compile` does not combine with `deepcache`"):
         tgate_kernels.TgateSDDeepCacheLoader(pipe)
     assert tgate_kernels.view(pipe).config.gate_step == 2 and tgate_kernels.view(pipe).compile is not None
+
+
+@pytest.mark.parametrize("name", ["kandinsky5", "qwenimage"])
+@pytest.mark.parametrize("schedule", [dict(gate_step=1), dict(gate_step=3, sp_interval=2, warm_up=0, fi_interval=2)])
+def test_compile_with_one_call_per_part_over_texts_of_different_lengths_gives_eager_t_gates_latents(name, schedule):
+    """Guidance as two calls a step, the negative prompt's text longer than the prompt's: a module
+    over the text (Kandinsky 5's text blocks, Qwen-Image's text stream) gives outputs of two shapes,
+    so no mean exists at the gate and the prompt's own stands, as eager T-GATE keeps it."""
+    from fixtures.families import FAMILIES
+
+    family = FAMILIES[name]
+
+    def latents(pipe):
+        call = {**family.call_kwargs(4), "negative_prompt": "blurry, low quality, dark, ugly"}
+        with torch.no_grad():
+            output = pipe(**call)
+        return output.frames if hasattr(output, "frames") else output.images
+
+    eager = latents(tgate_kernels.enable(family.build(), **schedule))
+    torch._dynamo.reset()
+    pipe = tgate_kernels.enable(family.build(), **schedule, compile={"backend": "eager"})
+    for _ in range(2):
+        torch.testing.assert_close(latents(pipe), eager, rtol=0, atol=1e-6)

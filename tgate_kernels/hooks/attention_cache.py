@@ -285,15 +285,17 @@ class AttentionCacheHook(TgateHook):
         """Self-attention before the gate: the output cached at the last caching step where the plan
         reuses, else the one computed (cached where the plan says)."""
         layout = self.state.guidance.layout
+        shape = "x".join(map(str, computed.shape))
+        # the first call's buffer is the same whether the layout is known to be separate calls or
+        # not yet (a pipeline without cache_context is known to call once per part at its second call)
+        mine = self._buffer(f"before-first-{shape}", computed)
         if not (layout is not None and layout.mode is Mode.SEPARATE and call.parts[0] in TEXT_PAIR):
-            before = self._buffer("before", computed)
-            result = torch.where(reuse, before, computed)
-            before.copy_(torch.where(store, computed, before))
+            result = torch.where(reuse, mine, computed)
+            mine.copy_(torch.where(store, computed, mine))
             return result
         # one guidance part per call: each part keeps its own output (the first call's and the
         # second's, chosen by a flag so one graph serves both)
-        shape = "x".join(map(str, computed.shape))
-        mine, other = self._buffer(f"before-first-{shape}", computed), self._buffer(f"before-second-{shape}", computed)
+        other = self._buffer(f"before-second-{shape}", computed)
         result = torch.where(reuse, torch.where(first, mine, other), computed)
         mine.copy_(torch.where(store & first, computed, mine))
         other.copy_(torch.where(store & ~first, computed, other))
@@ -315,16 +317,17 @@ class AttentionCacheHook(TgateHook):
                     kept = self._buffer("after", output)
                     kept.copy_(torch.where(gate, output, kept))
                 return
-            # one part per call: the first call's output waits for the second's
-            held = self._buffer("held", output)
-            if held.shape != output.shape:
-                # texts of different lengths (see PartCache): the first call's part, the one kept, stands
-                kept = self._buffer("after", held)
-                kept.copy_(torch.where(gate & ~first, held, kept))
+            # one part per call, the kept one first (see GuidanceTracker): at the gate the first
+            # call stores its own output, the second makes the mean with it where its text has the
+            # same length. The second never makes the buffer the kept part reads after the gate:
+            # with texts of different lengths (see PartCache) it has another shape, and the kept
+            # part's own stands.
+            kept = self.state.context.plan_data.bound.get(self._buffer_key("after", output))
+            if kept is None and parts[0] == layout.kept:
+                kept = self._buffer("after", output)
+            if kept is None or kept.shape != output.shape:
                 return
-            held.copy_(torch.where(gate & first, output, held))
-            kept = self._buffer("after", output)
-            kept.copy_(torch.where(gate & ~first, (held + output) / 2, kept))
+            kept.copy_(torch.where(gate, torch.where(first, output, (kept + output) / 2), kept))
         else:
             kept = self._buffer("after", output)
             kept.copy_(torch.where(gate, output, kept))
