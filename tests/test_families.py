@@ -137,6 +137,47 @@ def test_the_gate_caches_the_mean_over_the_guidance_parts_or_the_kept_parts_own(
     torch.testing.assert_close(reused, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", GATED)
+def test_with_the_guidance_kept_after_the_gate_every_part_runs_on_what_it_cached_itself(name):
+    """``guidance_after_gate="kept"``: the text frozen at the gate, the guidance not dropped. Every
+    step runs every part, none computes cross-attention (or a text stream) after the gate, and
+    each part reuses what it cached itself: the output differs from dropping the guidance."""
+    family = FAMILIES[name]
+    schedule = dict(gate_step=GATE, sp_interval=1, warm_up=0, **family.settings)
+    pipe = tgate_kernels.enable(family.build(), **schedule, guidance_after_gate="kept")
+    result, record = _recorded(pipe, family)
+    work = [sum(record.rows_run(step)) for step in record.steps]
+    assert work == [work[0]] * STEPS, work
+    for denoiser in family.denoisers:
+        first = _first_active_step(record, denoiser)
+        for step in range(max(GATE, first + 1), STEPS):  # an expert first used after the gate caches once
+            computed, reused = record.computed(step, cross=True, denoiser=denoiser), record.reused(step, cross=True, denoiser=denoiser)
+            assert computed == 0 and (reused > 0 or not record.calls(step, denoiser)), (denoiser, step)
+    dropped = _run(tgate_kernels.enable(family.build(), **schedule), family)
+    assert max_abs_diff(result, dropped) > 1e-4
+
+
+def test_with_the_guidance_kept_each_part_reuses_its_own_cross_attention_and_text_stream():
+    """Batched (SD: one call, [negative, prompt] rows) and separate calls (FLUX: prompt, then
+    negative): after the gate each part's rows get exactly what that part gave at the gate."""
+    for name, module_of in (
+        ("sd", lambda pipe: pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2),
+        ("flux", lambda pipe: pipe.transformer.transformer_blocks[0].attn.add_k_proj),
+    ):
+        family = FAMILIES[name]
+        pipe = tgate_kernels.enable(family.build(), gate_step=GATE, guidance_after_gate="kept", kernels="off")
+        outputs = []
+        module_of(pipe).register_forward_hook(lambda module, args, output: outputs.append(output.detach().clone()))
+        _run(pipe, family)
+        per_step = len(outputs) // STEPS
+        assert per_step * STEPS == len(outputs)
+        at_gate = outputs[(GATE - 1) * per_step: GATE * per_step]
+        for step in range(GATE, STEPS):
+            for reused, cached in zip(outputs[step * per_step: (step + 1) * per_step], at_gate):
+                assert torch.equal(reused, cached), (name, step)
+        assert not torch.equal(at_gate[0], outputs[(GATE - 2) * per_step]), "computed before the gate"
+
+
 def _output(result):
     for name in ("frames", "images", "audios"):
         if hasattr(result, name):

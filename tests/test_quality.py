@@ -25,8 +25,14 @@ def sd_rows():
 def test_every_variant_is_measured_against_the_ungated_images(sd_rows):
     by_variant = {row.variant: row for row in sd_rows}
     assert list(by_variant) == ["ungated", "ungated, other seeds", "gate 4", "gate 8", "gate 4, prompt's own",
-                                "gate 8, prompt's own", "gate 4 + DeepCache", "gate 8 + DeepCache", "auto",
-                                "CFG truncated at 4", "CFG truncated at 8"]
+                                "gate 8, prompt's own", "gate 4, guidance kept", "gate 8, guidance kept",
+                                "gate 4 + DeepCache", "gate 8 + DeepCache", "auto", "CFG truncated at 4", "CFG truncated at 8"]
+    # the text frozen with the guidance kept: every step still runs both parts, cross-attention
+    # skipped after the gate, so it costs more than T-GATE and less than the ungated run
+    for gate in (4, 8):
+        kept = by_variant[f"gate {gate}, guidance kept"]
+        assert by_variant[f"gate {gate}"].macs_ratio < kept.macs_ratio < 1.0
+        assert kept.psnr != by_variant[f"gate {gate}"].psnr
     # keeping the prompt's part with its own cache costs what the reference's choice costs
     assert by_variant["gate 4, prompt's own"].macs_ratio == by_variant["gate 4"].macs_ratio
     assert by_variant["gate 4, prompt's own"].psnr != by_variant["gate 4"].psnr
@@ -71,6 +77,9 @@ def test_the_pareto_verdict_names_the_fixed_gates_that_beat_auto(sd_rows):
     assert "on or above the fixed-gate front" in pareto_verdicts([auto, worse])[0]
     text = render(sd_rows, [], SMALL)
     assert "gate 8 + DeepCache" in text and "MACs ratio" in text
+    kept = next(row for row in sd_rows if row.variant == "gate 4, guidance kept")
+    assert (f"- sd, gate 4: text frozen, guidance kept {100 * kept.adherence:.1f}% (MACs {kept.macs_ratio:.3f}); "
+            f"guidance dropped, nothing frozen ") in text
 
 
 def test_cfg_truncation_gives_what_diffusers_cfg_cutoff_gives_for_one_prompt():
@@ -112,8 +121,9 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
     assert "pixart" in printed and "auto" in printed
     data = json.loads((out / "quality.json").read_text())
     caches = [cache.variant for cache in DIFFUSERS_CACHES]
-    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "gate 8, prompt's own", "auto",
-                                                        "CFG truncated at 8", *caches]
+    assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "gate 8, prompt's own",
+                                                        "gate 8, guidance kept", "auto", "CFG truncated at 8", *caches]
+    assert "- pixart, gate 8: text frozen, guidance kept " in printed
     assert "CFG truncated at 8" in printed and "sp_interval=5, warm_up=2" in printed
     # diffusers' caches, applied to fresh pipelines, skip work; a higher threshold skips more
     by_variant = {row["variant"]: row for row in data["rows"]}

@@ -226,6 +226,8 @@ def test_pipelines_the_batcher_does_not_run_are_refused_before_anything_changes(
         StepBatcher(plain, config=tgate_kernels.TgateConfig(gate_step="auto"))
     with pytest.raises(ValueError, match="`config.gate_cache` of a step batcher must be 'mean'.*'kept-part'"):
         StepBatcher(plain, config=tgate_kernels.TgateConfig(gate_cache="kept-part"))
+    with pytest.raises(ValueError, match="`config.guidance_after_gate` of a step batcher must be 'dropped'.*'kept'"):
+        StepBatcher(plain, config=tgate_kernels.TgateConfig(guidance_after_gate="kept"))
     assert not any("forward" in module.__dict__ for module in plain.unet.modules())
 
 

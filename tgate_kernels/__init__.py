@@ -5,7 +5,7 @@ a gate step, drop classifier-free guidance after it and cache self-attention on 
 """
 
 from .api import disable, enable, enabled, is_enabled, view
-from .config import AutoGate, CompileOptions, DeepCacheOptions, GateCache, KernelMode, KeptPart, TgateConfig
+from .config import AutoGate, CompileOptions, DeepCacheOptions, GateCache, GuidanceAfterGate, KernelMode, KeptPart, TgateConfig
 from .engine.generation import ConcurrentGenerationError
 from .engine.guidance import GuidanceNotRecognised
 from .loaders import (
@@ -39,6 +39,7 @@ __all__ = [
     "DeepCacheOptions",
     "KernelMode",
     "GateCache",
+    "GuidanceAfterGate",
     "KeptPart",
     "GuidanceNotRecognised",
     "ConcurrentGenerationError",

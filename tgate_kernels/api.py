@@ -42,6 +42,7 @@ def enable(
     compile: bool | dict = _Default(False),
     auto_gate: dict | None = _Default(None),
     gate_cache: str = _Default("mean"),
+    guidance_after_gate: str = _Default("dropped"),
     *,
     config: TgateConfig | None = None,
 ):
@@ -59,7 +60,7 @@ def enable(
         name: value for name, value in dict(
             gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up, lcm=lcm,
             deepcache=deepcache, kernels=kernels, kept_part=kept_part, compile=compile, auto_gate=auto_gate,
-            gate_cache=gate_cache,
+            gate_cache=gate_cache, guidance_after_gate=guidance_after_gate,
         ).items() if not isinstance(value, _Default)
     }
     if config is not None and not isinstance(config, TgateConfig):

@@ -84,6 +84,13 @@ class GateCache(_DocumentedChoice):
     KEPT_PART = ("kept-part", "the output of the part that runs after the gate (kept_part) alone")
 
 
+class GuidanceAfterGate(_DocumentedChoice):
+    """What becomes of classifier-free guidance after the gate."""
+
+    DROPPED = ("dropped", "the reference: one part runs, so a step after the gate costs about half")
+    KEPT = ("kept", "every part still runs, each reusing what it cached itself at the gate: the text frozen, guidance kept (a step costs what it did, less the frozen text's work)")
+
+
 @dataclass(frozen=True)
 class AutoGate:
     """How ``gate_step="auto"`` chooses the gate of each generation: at the first step, between
@@ -227,6 +234,11 @@ class TgateConfig:
             negative prompt's outputs of every attention it caches (cross-attention, a joint
             attention's text stream, self-attention): ``"mean"`` (the reference) or
             ``"kept-part"`` (the part that runs after the gate keeps its own).
+        guidance_after_gate: ``"dropped"`` (the reference: the kept part alone runs after the
+            gate) or ``"kept"`` (every guidance part still runs after the gate, each reusing its
+            own cross-attention or text stream as it cached it at the gate, so the guidance
+            scale keeps acting: freezing the text without dropping the guidance, to tell their
+            effects apart; not with ``gate_step="auto"`` or ``compile``).
 
     Options may be given in any of the spellings above; the config holds them normalised, so two
     spellings of one setting make equal configs.
@@ -243,6 +255,7 @@ class TgateConfig:
     kept_part: KeptPart = KeptPart.AUTO
     compile: CompileOptions | None = None
     gate_cache: GateCache = GateCache.MEAN
+    guidance_after_gate: GuidanceAfterGate = GuidanceAfterGate.DROPPED
 
     def __post_init__(self) -> None:
         normalised = dict(
@@ -253,6 +266,7 @@ class TgateConfig:
             kept_part=choose("kept_part", self.kept_part, KeptPart),
             compile=CompileOptions.from_option(self.compile),
             gate_cache=choose("gate_cache", self.gate_cache, GateCache),
+            guidance_after_gate=choose("guidance_after_gate", self.guidance_after_gate, GuidanceAfterGate),
         )
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
@@ -268,6 +282,14 @@ class TgateConfig:
             )
         if self.auto_gate is not None and not self.auto:
             raise ValueError(f"`auto_gate` tells how `gate_step='auto'` chooses; it was given with `gate_step={self.gate_step!r}`.")
+        if self.guidance_after_gate is GuidanceAfterGate.KEPT:
+            for name, given in (("gate_step", "'auto'" if self.auto else None), ("compile", "given" if self.compile is not None else None)):
+                if given is not None:
+                    raise ValueError(
+                        f"`guidance_after_gate='kept'` does not combine with `{name}` ({given}): every part keeps its own "
+                        f"cache after the gate, which {'the auto gate' if name == 'gate_step' else 'the compiled path'} does "
+                        f"not keep. Use guidance_after_gate='dropped', or a fixed gate_step without compile."
+                    )
         for other in ("deepcache", "compile"):
             if self.auto and getattr(self, other) is not None:
                 raise ValueError(

@@ -15,7 +15,8 @@ resolved gate step and ``c`` the 0-based solver step:
   halved batch that follows;
 * after the gate (the paper's fidelity-improving phase), ``c >= g``: cross-attention is reused,
   the CFG batch is dropped, self-attention is cached when ``c % fi_interval == 0`` and reused
-  otherwise.
+  otherwise. With ``guidance_after_gate="kept"`` every part keeps running after the gate, each
+  reusing what it cached at the gate itself (no mean is taken).
 
 ``REUSE`` falls back to computing (without caching) when nothing was cached yet in this
 generation, as the reference does; with ``gate_step=0`` that means cross-attention is always
@@ -29,7 +30,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .config import TgateConfig
+from .config import GuidanceAfterGate, TgateConfig
 
 
 class AttentionAction(enum.Enum):
@@ -63,10 +64,12 @@ def plan_step(step: int, config: TgateConfig, gate_step: int) -> StepPlan:
         else:
             self_action = AttentionAction.REUSE
         return StepPlan(step, self_action, AttentionAction.COMPUTE, cfg_batch=True, average_cfg_halves=False)
+    # with the guidance kept after the gate, every part caches its own at the gate and runs after it
+    dropped = config.guidance_after_gate is GuidanceAfterGate.DROPPED
     if step == gate_step - 1:
-        return StepPlan(step, AttentionAction.CACHE, AttentionAction.CACHE, cfg_batch=True, average_cfg_halves=True)
+        return StepPlan(step, AttentionAction.CACHE, AttentionAction.CACHE, cfg_batch=True, average_cfg_halves=dropped)
     self_action = AttentionAction.CACHE if step % config.fi_interval == 0 else AttentionAction.REUSE
-    return StepPlan(step, self_action, AttentionAction.REUSE, cfg_batch=False, average_cfg_halves=False)
+    return StepPlan(step, self_action, AttentionAction.REUSE, cfg_batch=not dropped, average_cfg_halves=False)
 
 
 def candidate_plan(step: int) -> StepPlan:

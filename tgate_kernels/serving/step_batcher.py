@@ -28,7 +28,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import api
-from ..config import GateCache, TgateConfig
+from ..config import GateCache, GuidanceAfterGate, TgateConfig
 from ..engine.attention_modules import hookable_attentions
 from ..schedule import StepPlan, plan_generation, plan_step
 from .batched_attention import BatchedAttention, BatchPlan, RowSegment
@@ -99,6 +99,11 @@ class StepBatcher:
             raise ValueError(
                 f"`config.gate_cache` of a step batcher must be 'mean' (what its requests cache at their gates), got "
                 f"{config.gate_cache.value!r}"
+            )
+        if config.guidance_after_gate is not GuidanceAfterGate.DROPPED:
+            raise ValueError(
+                f"`config.guidance_after_gate` of a step batcher must be 'dropped' (a request after its gate runs one "
+                f"row), got {config.guidance_after_gate.value!r}"
             )
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
             raise ValueError(f"`max_rows` must be an integer >= 2 (a guided request takes two rows), got {max_rows!r}")

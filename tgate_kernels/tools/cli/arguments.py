@@ -190,7 +190,7 @@ def resolve_dtype_with_reason(name: str, device: str, fast_cpu_dtype: bool = Fal
 
 _FLAGS = {"gate_step": "--gate-step", "sp_interval": "--sp-interval", "fi_interval": "--fi-interval",
           "warm_up": "--warm-up", "deepcache": "--deepcache", "compile": "--compile", "auto_gate": "--auto-gate",
-          "gate_cache": "--gate-cache"}
+          "gate_cache": "--gate-cache", "guidance_after_gate": "--guidance-after-gate"}
 
 
 def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
@@ -228,6 +228,9 @@ def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--gate-cache", choices=("mean", "kept-part"), default="mean",
                      help="what the gate step caches of the prompt's and negative prompt's outputs: their mean (the "
                           "reference) or the part that runs after the gate alone")
+    sub.add_argument("--guidance-after-gate", choices=("dropped", "kept"), default="dropped",
+                     help="after the gate, run one guidance part (the reference) or every part, each reusing its own "
+                          "cache (the text frozen, the guidance kept)")
     sub.add_argument("--deepcache", type=deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")
     sub.add_argument("--device", type=device, default=None,
                      help="auto, cpu, cuda or cuda:N (default: the process's device under accelerate, else cuda when present)")
@@ -251,7 +254,8 @@ def tgate_config(args: argparse.Namespace, parser: argparse.ArgumentParser, gate
     try:
         return TgateConfig(gate_step=gate, sp_interval=args.sp_interval, fi_interval=args.fi_interval, warm_up=args.warm_up,
                            deepcache=args.deepcache, compile=getattr(args, "compile", False),
-                           auto_gate=getattr(args, "auto_gate", None), gate_cache=args.gate_cache)
+                           auto_gate=getattr(args, "auto_gate", None), gate_cache=args.gate_cache,
+                           guidance_after_gate=args.guidance_after_gate)
     except (TypeError, ValueError) as error:
         parser.error(as_flags(str(error)))
 

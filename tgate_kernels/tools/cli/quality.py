@@ -35,6 +35,9 @@ def add_parser(commands) -> None:
     quality.add_argument("--no-prompt-part", dest="prompt_part", action="store_false",
                          help="skip the series keeping the prompt's part after the gate with its own cached outputs "
                               "(kept_part=conditional, gate_cache=kept-part)")
+    quality.add_argument("--no-guidance-kept", dest="guidance_kept", action="store_false",
+                         help="skip the series freezing the text at the gate with the guidance kept after it "
+                              "(guidance_after_gate=kept)")
     quality.add_argument("--no-diffusers-caches", dest="diffusers_caches", action="store_false",
                          help="skip diffusers' own caches (FirstBlockCache, Pyramid Attention Broadcast) on the transformers")
     quality.add_argument("--no-plot", dest="plot", action="store_false")
@@ -56,7 +59,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"argument --gates: {','.join(map(str, gates))} must each be between 1 and {steps - 1} (the micro pipelines run {steps} steps)")
     settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
                                seed=args.seed, deepcache=args.deepcache, cfg_truncation=args.cfg_truncation,
-                               prompt_part=args.prompt_part, diffusers_caches=args.diffusers_caches,
+                               prompt_part=args.prompt_part, guidance_kept=args.guidance_kept,
+                               diffusers_caches=args.diffusers_caches,
                                sp_interval=args.sp_interval, warm_up=args.warm_up,
                                auto_gate=args.auto_gate)
     rows, overheads = [], []

@@ -59,10 +59,11 @@ OTHER_SEEDS_OFFSET = 1_000_003
 class QualityRow:
     model: str
     variant: str
-    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N, prompt's own``, ``gate N + DeepCache``, ``auto``,
+    """``ungated``, ``ungated, other seeds``, ``gate N``, ``gate N, prompt's own``, ``gate N, guidance kept``,
+    ``gate N + DeepCache``, ``auto``,
     ``CFG truncated at N`` or a diffusers cache's setting (``FirstBlockCache 0.1``, ...)."""
     kind: str
-    """``ungated``, ``floor``, ``fixed``, ``prompt-part``, ``deepcache``, ``auto``,
+    """``ungated``, ``floor``, ``fixed``, ``prompt-part``, ``guidance-kept``, ``deepcache``, ``auto``,
     ``cfg-truncation`` or ``diffusers-cache``."""
     gate_step: float | None
     """The fixed gate, or the mean of the gates ``auto`` chose (``None`` ungated)."""
@@ -105,6 +106,9 @@ class QualitySettings:
     prompt_part: bool = True
     """Also T-GATE keeping the prompt's part after the gate with its own cached outputs
     (``kept_part="conditional", gate_cache="kept-part"``) instead of the reference's mean."""
+    guidance_kept: bool = True
+    """Also the text frozen at the gate with the guidance kept after it (``guidance_after_gate="kept"``):
+    what freezing costs without dropping the guidance."""
     diffusers_caches: bool = True
     auto_gate: AutoGate | None = None
     prompts: tuple[str, ...] = EVAL_PROMPTS
@@ -186,6 +190,9 @@ def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[s
     if settings.prompt_part:
         own = dict(kept_part="conditional", gate_cache="kept-part", **schedule)
         variants += [(f"gate {gate}, prompt's own", "prompt-part", TgateConfig(gate_step=gate, **own)) for gate in gates]
+    if settings.guidance_kept:
+        kept = dict(guidance_after_gate="kept", **schedule)
+        variants += [(f"gate {gate}, guidance kept", "guidance-kept", TgateConfig(gate_step=gate, **kept)) for gate in gates]
     if settings.deepcache and unet:
         variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True, **schedule)) for gate in gates]
     variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate, **schedule)))

@@ -14,6 +14,7 @@ from .quality import AutoOverhead, QualityRow, QualitySettings, as_json, dominat
 _KIND_STYLE = {
     "fixed": dict(marker="o", linestyle="-", color="tab:blue", label="fixed gate"),
     "prompt-part": dict(marker="v", linestyle="-.", color="tab:brown", label="fixed gate, prompt's part with its own cache"),
+    "guidance-kept": dict(marker="x", linestyle=(0, (1, 1)), color="tab:olive", label="fixed gate, text frozen, guidance kept"),
     "deepcache": dict(marker="s", linestyle="--", color="tab:green", label="fixed gate + DeepCache"),
     "cfg-truncation": dict(marker="^", linestyle=":", color="tab:orange", label="CFG truncation (nothing cached)"),
 }
@@ -94,6 +95,20 @@ def cache_verdicts(rows: Sequence[QualityRow]) -> list[str]:
     return _verdicts(rows, "diffusers-cache", ("fixed", "prompt-part", "deepcache"))
 
 
+def freezing_lines(rows: Sequence[QualityRow]) -> list[str]:
+    """At each gate: what freezing the text costs alone (guidance kept), what dropping the guidance
+    alone costs (CFG truncation) and what both cost (T-GATE), in adherence."""
+    lines = []
+    for kept in (row for row in rows if row.kind == "guidance-kept"):
+        same = {row.kind: row for row in rows if row.model == kept.model and row.gate_step == kept.gate_step}
+        parts = [f"text frozen, guidance kept {100 * kept.adherence:.1f}% (MACs {kept.macs_ratio:.3f})"]
+        parts += [f"{label} {100 * same[kind].adherence:.1f}% (MACs {same[kind].macs_ratio:.3f})"
+                  for kind, label in (("cfg-truncation", "guidance dropped, nothing frozen"), ("fixed", "both (T-GATE)"))
+                  if kind in same]
+        lines.append(f"- {kept.model}, gate {kept.gate_step:.0f}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def overhead_lines(overheads: Sequence[AutoOverhead]) -> list[str]:
     return [
         f"- {o.model}: {1000 * o.chooser_seconds:.1f} ms of {o.generation_seconds:.2f} s choosing the gate "
@@ -114,6 +129,7 @@ def render(rows: Sequence[QualityRow], overheads: Sequence[AutoOverhead], settin
         *pareto_verdicts(rows),
         *truncation_verdicts(rows),
         *cache_verdicts(rows),
+        *freezing_lines(rows),
         *overhead_lines(overheads),
     ]
     return "\n".join(lines) + "\n"
