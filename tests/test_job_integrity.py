@@ -74,7 +74,8 @@ def test_a_job_written_before_a_setting_existed_resumes_at_that_settings_default
     assert cli.main(_job(saved_tiny_sd, out, prompts)) == 0
     run_file = out / "run.json"
     written = json.loads(run_file.read_text())
-    del written["tgate"]["gate_cache"]  # as a version without the setting wrote it
+    for setting in ("gate_cache", "guidance_after_gate"):
+        del written["tgate"][setting]  # as a version without the settings wrote it
     run_file.write_text(json.dumps(written))
     capsys.readouterr()
     assert cli.main(_job(saved_tiny_sd, out, prompts)) == 0
@@ -82,6 +83,9 @@ def test_a_job_written_before_a_setting_existed_resumes_at_that_settings_default
     with pytest.raises(SystemExit):
         cli.main(_job(saved_tiny_sd, out, prompts, "--gate-cache", "kept-part"))
     assert "gate_cache" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(_job(saved_tiny_sd, out, prompts, "--guidance-after-gate", "kept"))
+    assert "guidance_after_gate" in capsys.readouterr().err
 
 
 def test_a_row_cut_short_by_a_crash_is_repaired_on_resume_and_the_folder_stays_valid(saved_tiny_sd, tmp_path, capsys):

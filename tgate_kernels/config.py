@@ -345,6 +345,7 @@ class TgateConfig:
             "kept_part": self.kept_part.value,
             "compile": None if self.compile is None else dataclasses.asdict(self.compile),
             "gate_cache": self.gate_cache.value,
+            "guidance_after_gate": self.guidance_after_gate.value,
         }
 
     @classmethod

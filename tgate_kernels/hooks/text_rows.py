@@ -12,7 +12,10 @@ they had, and the block's text output is the one it gave at the gate.
 A block that cuts its sequence by the text rows' count (HunyuanVideo's single-stream blocks,
 CogVideoX's) cannot run without them: it gets them as before, and taps on its row-wise modules
 (:attr:`~tgate_kernels.families.registry.SingleStreamBlock.row_modules`) and projections compute
-the image rows alone, giving zeros or the gate step's rows for the text ones.
+the image rows alone, giving zeros or the gate step's rows for the text ones. So does Lumina 2's,
+whose samples each have their own text length: a tap on the module that reads the text mask
+(:attr:`~tgate_kernels.families.registry.SingleStreamBlock.text_mask`) counts them once a call,
+and the image rows are gathered and put back at each sample's own offset.
 
 What is cached is one tensor a block: the block's text output and its projections' text rows,
 side by side along the features (every piece has the batch and the text rows as its first two
