@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tgate_kernels
 from tgate_kernels.engine.attention_modules import AttentionKind
 from fixtures.families import FAMILIES
+from fixtures.families_image import qwenimage_edit_components
 
 STEPS, GATE = 4, 2
 SD3 = FAMILIES["sd3"]
@@ -338,6 +339,13 @@ def _image():
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
+def _pil_image(flipped=False):
+    from PIL import Image
+
+    pixels = (_image()[0].permute(1, 2, 0) * 255).to(torch.uint8)
+    return Image.fromarray((pixels.flip(1) if flipped else pixels).numpy())
+
+
 def _sd3_components_of_16_latent_channels():
     from fixtures.families_image import _flow_vae
 
@@ -377,6 +385,8 @@ def _flux_controlnet_components():
     return components
 
 
+
+
 QWEN = FAMILIES["qwenimage"]
 
 
@@ -392,6 +402,21 @@ def _sd3_controlnet_components(**options):
         pooled_projection_dim=config.pooled_projection_dim, out_channels=4, **options,
     )
     # diffusers starts a ControlNet's output layers at zero; random ones make its effect visible
+    for block in components["controlnet"].controlnet_blocks:
+        torch.nn.init.normal_(block.weight, std=0.1)
+    return components
+
+
+def _qwen_controlnet_components(**options):
+    import diffusers
+
+    components = QWEN.build().components
+    config = components["transformer"].config
+    torch.manual_seed(0)
+    components["controlnet"] = diffusers.QwenImageControlNetModel(
+        patch_size=2, in_channels=config.in_channels, out_channels=4, num_layers=1, attention_head_dim=16,
+        num_attention_heads=3, joint_attention_dim=config.joint_attention_dim, axes_dims_rope=(8, 4, 4), **options,
+    )
     for block in components["controlnet"].controlnet_blocks:
         torch.nn.init.normal_(block.weight, std=0.1)
     return components
@@ -419,10 +444,7 @@ def _cogvideox_components(pipeline, in_channels=4):
 
 
 def _frames(count=8):
-    from PIL import Image
-
-    pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8).numpy()
-    return [Image.fromarray(pixels)] * count
+    return [_pil_image()] * count
 
 VARIANTS = {
     "StableDiffusion3Img2ImgPipeline": (SD3, lambda: SD3.build().components, dict(image=_image(), strength=0.9)),
@@ -439,6 +461,21 @@ VARIANTS = {
     "QwenImageImg2ImgPipeline": (QWEN, lambda: QWEN.build().components, dict(image=_image(), strength=0.9)),
     "QwenImageInpaintPipeline": (
         QWEN, lambda: QWEN.build().components, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9),
+    ),
+    "QwenImageControlNetPipeline": (QWEN, _qwen_controlnet_components, dict(control_image=_image())),
+    # the masked image's 4 latent channels and the mask's, packed 2 x 2, beside the latents'
+    "QwenImageControlNetInpaintPipeline": (
+        QWEN, lambda: _qwen_controlnet_components(extra_condition_channels=4),
+        dict(control_image=_image(), control_mask=torch.ones(1, 1, 32, 32)),
+    ),
+    # the condition image as a PIL image: the pipelines read its size (a 32 x 32 output from it)
+    "QwenImageEditPipeline": (QWEN, qwenimage_edit_components, dict(image=_pil_image(), height=32, width=32)),
+    "QwenImageEditPlusPipeline": (
+        QWEN, qwenimage_edit_components, dict(image=[_pil_image(), _pil_image(flipped=True)], height=32, width=32),
+    ),
+    "QwenImageEditInpaintPipeline": (
+        QWEN, qwenimage_edit_components,
+        dict(image=_pil_image(), mask_image=torch.ones(1, 1, 32, 32), height=32, width=32, strength=0.9),
     ),
     "FluxImg2ImgPipeline": (FLUX, _flux_components, dict(image=_image(), strength=0.9)),
     "FluxInpaintPipeline": (FLUX, _flux_components, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9)),
