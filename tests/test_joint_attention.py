@@ -5,6 +5,8 @@ rows alone, beside the text rows it had at the gate) and classifier-free guidanc
 family-matrix tests (test_families.py) run on these families too; these check what is particular
 to the text stream."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -327,6 +329,38 @@ def test_flux_with_a_guidance_embedding_is_gated():
     assert torch.equal(_latents(pipe, family=FLUX, **unguided), plain)
     tgate_kernels.enable(pipe, gate_step=GATE)
     assert _step_flops(pipe, GATE, FLUX, **unguided) < _step_flops(_flux_dev(), GATE, FLUX, **unguided)
+
+
+@pytest.mark.parametrize("reference_image", [False, True], ids=["text-to-image", "with-a-reference-image"])
+def test_flux2_dev_guidance_distilled_is_gated_on_its_text_stream_alone(reference_image):
+    """FLUX.2 [dev] runs one call a step (its guidance scale is an input of the transformer): after
+    the gate its text stream is frozen and nothing else changes; a reference image's tokens stay in
+    the image stream."""
+    from fixtures.families_image import tiny_flux2_dev
+
+    call = dict(
+        prompt="a tiny red fox", num_inference_steps=STEPS, height=32, width=32, guidance_scale=4.0,
+        max_sequence_length=32, text_encoder_out_layers=(1,), output_type="latent",
+    ) | (dict(image=_pil_image().resize((64, 64))) if reference_image else {})  # its least size
+
+    def run(pipe):
+        with torch.no_grad():
+            return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    family = SimpleNamespace(call_kwargs=lambda steps: call | {"generator": torch.Generator().manual_seed(0)})
+
+    plain = run(tiny_flux2_dev())
+    pipe = tgate_kernels.enable(tiny_flux2_dev(), gate_step=STEPS, sp_interval=1, warm_up=0)
+    assert torch.equal(run(pipe), plain)
+    tgate_kernels.enable(pipe, gate_step=GATE, sp_interval=1, warm_up=0)
+    gated = run(pipe)
+    assert gated.shape == plain.shape and not torch.equal(gated, plain)
+    assert {a.name for a in tgate_kernels.view(pipe).attentions if a.kind is AttentionKind.TEXT} >= {
+        "transformer_blocks.0.ff_context", "single_transformer_blocks.0",
+    }
+    assert 0 < _step_flops(pipe, GATE, family) < _step_flops(tiny_flux2_dev(), GATE, family)
+    tgate_kernels.disable(pipe)
+    assert torch.equal(run(pipe), plain)
 
 
 def test_qwen_image_freezes_the_text_feed_forward_too():
