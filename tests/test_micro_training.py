@@ -33,11 +33,11 @@ def test_vae_training_repeats_given_its_seed(vae):
     assert report.steps == 2 and np.isfinite(report.final_loss) and vae.config.scaling_factor > 0
 
 
-@pytest.mark.parametrize("name", ["sd", "pixart", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "pixart", "sd3", "flux"])
 def test_denoiser_training_repeats_and_saves_a_pipeline_that_runs_gated(name, vae, tmp_path):
     from diffusers import DiffusionPipeline
 
-    trainer = {"sd": train.train_sd, "pixart": train.train_pixart, "sd3": train.train_sd3}[name]
+    trainer = {"sd": train.train_sd, "pixart": train.train_pixart, "sd3": train.train_sd3, "flux": train.train_flux}[name]
     pipe, report = trainer(vae, 0, **FEW)
     again, _ = trainer(vae, 0, **FEW)
     denoiser = "unet" if name == "sd" else "transformer"

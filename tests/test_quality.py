@@ -107,6 +107,43 @@ def test_cfg_truncation_gives_what_diffusers_cfg_cutoff_gives_for_one_prompt():
     assert "forward" not in pipe.unet.__dict__, "the denoiser is given back as it was"
 
 
+def test_cfg_truncation_of_true_cfg_skips_the_negative_prompts_calls_from_the_cutoff_on():
+    """FLUX's true CFG: the prompt's call, then the negative prompt's, each step. Cut off at step
+    0 it gives the unguided images exactly; never cut off, the guided ones; in between, the
+    negative prompt's call runs only before the cutoff."""
+    from fixtures.families import FAMILIES
+
+    from tgate_kernels.tools.micro.cfg_truncation import CFGTruncation
+
+    family, steps = FAMILIES["flux"], 4
+    pipe = family.build()
+    guided_call = family.call_kwargs(steps)
+
+    def run(cutoff=None, **changes):
+        calls = []
+        # the first layer the transformer runs: its pipeline still calls it, the truncation returns early
+        handle = pipe.transformer.x_embedder.register_forward_pre_hook(lambda module, args: calls.append(1))
+        try:
+            with torch.no_grad():
+                if cutoff is None:
+                    return pipe(**{**family.call_kwargs(steps), **changes}).images, len(calls)
+                with CFGTruncation(pipe.transformer, cutoff, separate_calls=True) as truncation:
+                    truncation.new_generation()
+                    return pipe(**family.call_kwargs(steps)).images, len(calls)
+        finally:
+            handle.remove()
+
+    guided, _ = run()
+    unguided, _ = run(negative_prompt=None, true_cfg_scale=1.0)
+    assert guided_call["true_cfg_scale"] > 1 and not torch.equal(guided, unguided)
+    assert torch.equal(run(0)[0], unguided)
+    assert torch.equal(run(steps)[0], guided)
+    truncated, calls = run(2)
+    assert calls == 2 * 2 + (steps - 2)
+    assert not torch.equal(truncated, guided) and not torch.equal(truncated, unguided)
+    assert "forward" not in pipe.transformer.__dict__
+
+
 def test_auto_overhead_is_a_small_part_of_the_generation():
     overhead = quality.measure_auto_overhead("pixart", SMALL, generations=1)
     assert overhead.chooser_seconds > 0.0
@@ -120,7 +157,8 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "pixart" in printed and "auto" in printed
     data = json.loads((out / "quality.json").read_text())
-    caches = [cache.variant for cache in DIFFUSERS_CACHES]
+    # TaylorSeer is left out of a batched-guidance pipeline's table (one cache context for both parts)
+    caches = [cache.variant for cache in DIFFUSERS_CACHES if not cache.variant.startswith("TaylorSeer")]
     assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "gate 8, prompt's own",
                                                         "gate 8, guidance kept", "auto", "CFG truncated at 8", *caches]
     assert "- pixart, gate 8: text frozen, guidance kept " in printed
@@ -159,9 +197,12 @@ def test_quality_command_refuses_bad_options(arguments, message, capsys, tmp_pat
 def test_a_diffusers_cache_that_cannot_run_on_a_micro_pipeline_says_why():
     from tgate_kernels.tools.micro.adherence import load_micro_pipeline
 
-    refusals = {name: {cache.variant: cache.refuses(load_micro_pipeline(name)) for cache in DIFFUSERS_CACHES}
+    refusals = {name: {cache.variant: cache.refuses(load_micro_pipeline(name), quality.guidance_of(name)) for cache in DIFFUSERS_CACHES}
                 for name in ("pixart", "sd3")}
-    assert not any(refusals["pixart"].values())
+    taylorseer = ("TaylorSeer, every 2nd step", "TaylorSeer, every 4th step")
+    assert not any(refused for variant, refused in refusals["pixart"].items() if variant not in taylorseer)
+    # one cache context holds both guidance parts of a batched call: nothing to extrapolate per part
+    assert all("one context" in refusals[name][variant] for name in refusals for variant in taylorseer)
     # SD3's last MMDiT block returns no text output, which diffusers' FirstBlockCache subtracts
     assert all("context_pre_only" in refusals["sd3"][f"FirstBlockCache {t}"] for t in ("0.05", "0.1", "0.2"))
     assert "no cross-attention" in refusals["sd3"]["PAB, attention 2nd, cross-attention 4th"]

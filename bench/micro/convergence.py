@@ -1,9 +1,9 @@
 """Does cross-attention converge early in the micro pipelines?  (T-GATE's premise.)  And the
-text stream of the joint-attention one (micro SD3)?
+text stream of the joint-attention ones (micro SD3, micro FLUX)?
 
 Forward hooks on every attention module of the denoiser whose ``is_cross_attention`` is True
 (micro SD, micro PixArt), or on every text-stream module T-GATE freezes after the gate (micro
-SD3: each dual-stream block's text q/k/v and output projections and text feed-forward),
+SD3 and FLUX: each dual-stream block's text q/k/v and output projections and text feed-forward),
 record its output at each denoising step of one guided generation of all ``EVAL_PROMPTS``; the
 relative change from one step to the next, ||A_t - A_{t-1}|| / ||A_{t-1}|| (per image, then
 averaged over the images), is plotted per layer with the mean over layers, and tabulated in a
@@ -26,8 +26,8 @@ from tgate_kernels.engine.attention_modules import text_stream_modules
 from tgate_kernels.tools.micro.adherence import MICRO_CALL, load_micro_pipeline
 from tgate_kernels.tools.micro.world import EVAL_PROMPTS
 
-PIPELINES = ("sd", "pixart", "sd3")
-JOINT_ATTENTION = frozenset({"sd3"})
+PIPELINES = ("sd", "pixart", "sd3", "flux")
+JOINT_ATTENTION = frozenset({"sd3", "flux"})
 # Steps over which "early" and "late" change are averaged in the summary.
 EARLY, LATE = slice(0, 4), slice(-8, None)
 
@@ -49,14 +49,19 @@ def relative_changes(name: str, seed: int) -> tuple[dict[str, np.ndarray], list[
         handles.append(module.register_forward_hook(hook))
     try:
         generator = torch.Generator().manual_seed(seed)
-        pipe(list(EVAL_PROMPTS), generator=generator, output_type="np", **MICRO_CALL[name])
+        call = MICRO_CALL[name]
+        if isinstance(call.get("negative_prompt"), str):
+            call = {**call, "negative_prompt": [call["negative_prompt"]] * len(EVAL_PROMPTS)}
+        pipe(list(EVAL_PROMPTS), generator=generator, output_type="np", **call)
     finally:
         for handle in handles:
             handle.remove()
     changes = {}
+    steps = len(pipe.scheduler.timesteps)
     for layer, calls in outputs.items():
-        # One call per step: the guided batch (unconditional and conditional halves) at once.
-        stacked = torch.stack(calls).flatten(2)
+        # One call per step (the guided batch, unconditional and conditional halves at once), or
+        # two with true CFG (FLUX: the prompt's, then the negative prompt's): the prompt's.
+        stacked = torch.stack(calls[:: len(calls) // steps]).flatten(2)
         difference = (stacked[1:] - stacked[:-1]).norm(dim=2)
         changes[layer] = (difference / stacked[:-1].norm(dim=2)).mean(dim=1).numpy()
     return changes, pipe.scheduler.timesteps.tolist()
@@ -97,9 +102,10 @@ def markdown(results: dict[str, dict[str, np.ndarray]], timesteps: dict[str, lis
         "`tgate_kernels/tools/micro/weights/`) show that: the relative change ||A_t - A_{t-1}|| / ||A_{t-1}|| of",
         "every cross-attention output (modules with `is_cross_attention`: micro SD, micro PixArt) and of every",
         "text-stream module T-GATE freezes (each dual-stream block's `add_q_proj`, `add_k_proj`, `add_v_proj`,",
-        "`to_add_out` and `ff_context`: micro SD3), per image and averaged over the 48 `EVAL_PROMPTS`, over one",
-        f"generation of {call['num_inference_steps']} steps (DDIM for SD and PixArt, flow-matching Euler for SD3) with",
-        f"guidance {call['guidance_scale']} (`MICRO_CALL`), seed 0.",
+        "`to_add_out` and `ff_context`: micro SD3 and FLUX), per image and averaged over the 48 `EVAL_PROMPTS`, over",
+        f"one generation of {call['num_inference_steps']} steps (DDIM for SD and PixArt, flow-matching Euler for SD3 and",
+        f"FLUX) with guidance {call['guidance_scale']} (FLUX: true CFG {MICRO_CALL['flux']['true_cfg_scale']}, the prompt's",
+        "call measured) (`MICRO_CALL`), seed 0.",
         "",
         "![convergence](cross_attention_convergence.png)",
         "",

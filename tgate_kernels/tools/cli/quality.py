@@ -19,7 +19,8 @@ def add_parser(commands) -> None:
                     "features and the MACs ratio, with a Pareto plot. Nothing is downloaded.",
         formatter_class=arguments.HelpFormatter,
     )
-    quality.add_argument("--models", type=arguments.name_list, default=["sd", "pixart", "sd3"], help="comma-separated micro pipelines: sd, pixart, sd3")
+    quality.add_argument("--models", type=arguments.name_list, default=["sd", "pixart", "sd3", "flux", "flux-no-cfg"],
+                         help="comma-separated micro pipelines: sd, pixart, sd3, flux (true CFG), flux-no-cfg (the same weights unguided)")
     quality.add_argument("--gates", type=arguments.int_list, default=None, help="comma-separated fixed gate steps of the 20 (default 2,4,...,16)")
     quality.add_argument("--images-per-prompt", type=arguments.positive_int, default=4, help="seeds per evaluation prompt (48 prompts)")
     quality.add_argument("--batch-size", type=arguments.positive_int, default=8, help="images per pipeline call (auto decides once per call)")
@@ -39,7 +40,7 @@ def add_parser(commands) -> None:
                          help="skip the series freezing the text at the gate with the guidance kept after it "
                               "(guidance_after_gate=kept)")
     quality.add_argument("--no-diffusers-caches", dest="diffusers_caches", action="store_false",
-                         help="skip diffusers' own caches (FirstBlockCache, Pyramid Attention Broadcast) on the transformers")
+                         help="skip diffusers' own caches (FirstBlockCache, Pyramid Attention Broadcast, TaylorSeer) on the transformers")
     quality.add_argument("--no-plot", dest="plot", action="store_false")
     quality.add_argument("--out", default=os.path.join("bench", "out", "quality"), help="folder for quality.json, quality.md, quality.png")
     quality.set_defaults(handler=run)

@@ -32,6 +32,7 @@ __all__ = [
     "MICRO_CALL",
     "WEIGHTS",
     "WITHOUT",
+    "FOLDER",
     "IGNORE",
     "AttributeClassifier",
     "adherence",
@@ -44,7 +45,7 @@ __all__ = [
     "save_classifier",
 ]
 
-#: The shipped models: ``sd``, ``pixart``, ``sd3`` (diffusers pipeline folders) and ``classifier``.
+#: The shipped models: ``sd``, ``pixart``, ``sd3``, ``flux`` (diffusers pipeline folders) and ``classifier``.
 WEIGHTS = Path(__file__).with_name("weights")
 
 #: Call arguments of the shipped pipelines besides prompts, ``generator`` and ``output_type``.
@@ -64,7 +65,17 @@ MICRO_CALL: dict[str, dict[str, Any]] = {
         "max_sequence_length": 16,
     },
     "sd3": {"num_inference_steps": 20, "guidance_scale": 4.0, "height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    # true CFG: a second call a step on the empty prompt (what the 10% dropped captions trained)
+    "flux": {
+        "num_inference_steps": 20, "true_cfg_scale": 4.0, "negative_prompt": "", "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE, "max_sequence_length": 16,
+    },
+    # the same weights without guidance: one call a step, only the frozen text stream saves
+    "flux-no-cfg": {"num_inference_steps": 20, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "max_sequence_length": 16},
 }
+
+#: The weights folder of each entry of :data:`MICRO_CALL` that does not have its own.
+FOLDER: dict[str, str] = {"flux-no-cfg": "flux"}
 
 #: Components a shipped pipeline was saved without, which ``from_pretrained`` must be told of:
 #: micro SD3 has no T5 encoder (its pipeline feeds zeros in its place).
@@ -238,8 +249,8 @@ def attribute_adherence(
 
 def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The shipped micro pipeline ``"sd"`` (StableDiffusionPipeline), ``"pixart"``
-    (PixArtAlphaPipeline) or ``"sd3"`` (StableDiffusion3Pipeline) on ``device`` in ``dtype``,
-    progress bar disabled.
+    (PixArtAlphaPipeline), ``"sd3"`` (StableDiffusion3Pipeline) or ``"flux"`` / ``"flux-no-cfg"``
+    (FluxPipeline) on ``device`` in ``dtype``, progress bar disabled.
 
     Call it with :data:`MICRO_CALL` ``[name]``.
     """
@@ -247,6 +258,6 @@ def load_micro_pipeline(name: str, device: str | torch.device = "cpu", dtype: to
 
     if name not in MICRO_CALL:
         raise ValueError(f"Unknown micro pipeline {name!r}; expected one of: {', '.join(MICRO_CALL)}")
-    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, dtype=dtype, **WITHOUT.get(name, {})).to(device)
+    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / FOLDER.get(name, name), dtype=dtype, **WITHOUT.get(name, {})).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

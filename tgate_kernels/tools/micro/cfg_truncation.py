@@ -6,7 +6,9 @@ pipeline runs on the prompt half alone and gives its prediction for both halves,
 pipeline's ``uncond + s * (cond - uncond)`` is the conditional prediction. diffusers'
 ``SDCFGCutoffCallback`` does the same for Stable Diffusion but keeps one row of the prompt
 embeddings (wrong for a batch of prompts), and PixArt's pipelines take no step-end callback; a
-wrapper of the denoiser's forward serves both.
+wrapper of the denoiser's forward serves both. A true-CFG pipeline (FLUX's: the prompt's call,
+then the negative prompt's, each step) gets the prompt call's prediction back for the negative
+prompt's call, which does not run.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import torch
 class CFGTruncation:
     """Installed on ``denoiser`` with ``with CFGTruncation(denoiser, cutoff_step) as truncation``;
     :meth:`new_generation` before each pipeline call restarts its step count (one denoiser call
-    a step)."""
+    a step, or two with ``separate_calls``: the prompt's first)."""
 
-    def __init__(self, denoiser: torch.nn.Module, cutoff_step: int) -> None:
+    def __init__(self, denoiser: torch.nn.Module, cutoff_step: int, *, separate_calls: bool = False) -> None:
         self.denoiser = denoiser
         self.cutoff_step = cutoff_step
+        self.separate_calls = separate_calls
         self.calls = 0
         self._forward = None
+        self._prompt_output = None
 
     def new_generation(self) -> None:
         self.calls = 0
@@ -40,8 +44,16 @@ class CFGTruncation:
         del self.denoiser.forward  # the instance attribute: the class's forward is back
 
     def _truncated(self, *args, **kwargs):
-        step, self.calls = self.calls, self.calls + 1
-        if step < self.cutoff_step:
+        call, self.calls = self.calls, self.calls + 1
+        if self.separate_calls:
+            step, negative = divmod(call, 2)
+            if negative and step >= self.cutoff_step:
+                return self._prompt_output
+            output = self._forward(*args, **kwargs)
+            if not negative:
+                self._prompt_output = output
+            return output
+        if call < self.cutoff_step:
             return self._forward(*args, **kwargs)
         sample = args[0] if args else kwargs["hidden_states" if "hidden_states" in kwargs else "sample"]
         rows = sample.shape[0]

@@ -3,16 +3,20 @@
 Each is applied to a freshly loaded micro pipeline with diffusers' ``apply_*`` function, as
 ``enable_cache`` would (the micro PixArt and SD3 transformers lack ``CacheMixin``, and their
 pipelines open no ``cache_context``: a pre-hook on the denoiser opens one per call, as pipelines
-with ``CacheMixin`` denoisers do). Which apply, and why the others do not:
+with ``CacheMixin`` denoisers do; FLUX's pipeline opens its own, one for the prompt's calls and
+one for the negative prompt's). Which apply, and why the others do not:
 
 - **FirstBlockCache** (``threshold``): the whole stack but its first block is skipped when the
   first block's residual changed less than ``threshold`` since the last computed step (not on
   SD3's MMDiT, whose last block returns no text output, which diffusers 0.42.1's hook subtracts);
 - **Pyramid Attention Broadcast**: attention outputs reused for ``skip_range - 1`` of every
   ``skip_range`` steps between timesteps 100 and 800 (self-/joint attention, and cross-attention
-  in the second setting);
-- TaylorSeer is left out: its default module patterns match FLUX-like names, not these blocks;
-  MagCache needs magnitude ratios calibrated per model; FasterCache needs the unconditional
+  in the second setting); not with true CFG (FLUX's two calls a step), since it counts calls;
+- **TaylorSeer** (``cache_interval``): every attention output of the blocks computed every
+  ``cache_interval``-th step after the first three and predicted in between from its last value
+  and first difference (a first-order Taylor step), on FLUX, whose pipeline gives each guidance
+  part its own context; on the batched pipelines one context would hold both parts' outputs;
+- MagCache needs magnitude ratios calibrated per model; FasterCache needs the unconditional
   branch split from the batch by a pipeline that tells it which it is. The UNet (micro SD) has
   no block registered for any of them.
 """
@@ -34,11 +38,12 @@ class DiffusersCache:
     """The row's name in the quality table."""
     apply: Callable[[Any], None]
     """Applies the cache to a pipeline's transformer."""
-    refuses: Callable[[Any], str | None] = lambda pipe: None
-    """Why the cache does not run on a pipeline (``None``: it does)."""
+    refuses: Callable[[Any, str | None], str | None] = lambda pipe, guidance: None
+    """Why the cache does not run on a pipeline guided as ``guidance`` says (``"batched"``,
+    ``"separate"`` calls or ``None``; see :func:`.quality.guidance_of`), or ``None``: it does."""
 
 
-def _first_block_cache_refuses(pipe) -> str | None:
+def _first_block_cache_refuses(pipe, guidance: str | None) -> str | None:
     blocks = getattr(pipe.transformer, "transformer_blocks", ())
     if blocks and getattr(blocks[-1], "context_pre_only", False):
         # diffusers 0.42.1's FirstBlockCache subtracts the last block's text output, which an
@@ -47,19 +52,48 @@ def _first_block_cache_refuses(pipe) -> str | None:
     return None
 
 
-def _no_cross_attention(pipe) -> str | None:
-    if any(getattr(module, "is_cross_attention", False) for module in pipe.transformer.modules()):
-        return None
-    return "no cross-attention to skip: the same as the setting without it"
+def _pab_refuses(pipe, guidance: str | None) -> str | None:
+    if guidance == "separate":
+        # its state (a call counter and the last output) is per attention module, not per context
+        return "PAB counts calls, not steps: the negative prompt's call would reuse the prompt call's attention"
+    return None
+
+
+def _pab_with_cross_attention_refuses(pipe, guidance: str | None) -> str | None:
+    if not any(getattr(module, "is_cross_attention", False) for module in pipe.transformer.modules()):
+        return "no cross-attention to skip: the same as the setting without it"
+    return _pab_refuses(pipe, guidance)
+
+
+def _open_cache_context_per_call(transformer) -> None:
+    from diffusers.models.cache_utils import CacheMixin
+
+    if not isinstance(transformer, CacheMixin):  # its pipeline opens none
+        transformer.register_forward_pre_hook(lambda module, args: _compat.open_cache_context(module, "denoiser"))
 
 
 def _first_block_cache(threshold: float) -> Callable[[Any], None]:
     def apply(pipe) -> None:
         from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
-        transformer = pipe.transformer
-        apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=threshold))
-        transformer.register_forward_pre_hook(lambda module, args: _compat.open_cache_context(module, "denoiser"))
+        apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
+        _open_cache_context_per_call(pipe.transformer)
+
+    return apply
+
+
+def _taylorseer_refuses(pipe, guidance: str | None) -> str | None:
+    if guidance == "batched":
+        return "TaylorSeer extrapolates per cache context, and this pipeline guides both parts in one call (one context)"
+    return None
+
+
+def _taylorseer(cache_interval: int) -> Callable[[Any], None]:
+    def apply(pipe) -> None:
+        from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+        config = TaylorSeerCacheConfig(cache_interval=cache_interval, taylor_factors_dtype=torch.float32)
+        apply_taylorseer_cache(pipe.transformer, config)
 
     return apply
 
@@ -92,8 +126,10 @@ DIFFUSERS_CACHES: tuple[DiffusersCache, ...] = (
     DiffusersCache("FirstBlockCache 0.05", _first_block_cache(0.05), _first_block_cache_refuses),
     DiffusersCache("FirstBlockCache 0.1", _first_block_cache(0.1), _first_block_cache_refuses),
     DiffusersCache("FirstBlockCache 0.2", _first_block_cache(0.2), _first_block_cache_refuses),
-    DiffusersCache("PAB, attention every 2nd step", _pyramid_attention_broadcast(2, None)),
-    DiffusersCache("PAB, attention 2nd, cross-attention 4th", _pyramid_attention_broadcast(2, 4), _no_cross_attention),
+    DiffusersCache("PAB, attention every 2nd step", _pyramid_attention_broadcast(2, None), _pab_refuses),
+    DiffusersCache("PAB, attention 2nd, cross-attention 4th", _pyramid_attention_broadcast(2, 4), _pab_with_cross_attention_refuses),
+    DiffusersCache("TaylorSeer, every 2nd step", _taylorseer(2), _taylorseer_refuses),
+    DiffusersCache("TaylorSeer, every 4th step", _taylorseer(4), _taylorseer_refuses),
 )
 
 

@@ -140,6 +140,26 @@ def _denoiser(pipe) -> torch.nn.Module:
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
+def guidance_of(name: str) -> str | None:
+    """How the micro pipeline ``name`` guides as :data:`MICRO_CALL` calls it: ``"batched"``
+    (``[negative, prompt]`` in one denoiser call), ``"separate"`` (true CFG: the prompt's call,
+    then the negative prompt's) or ``None`` (one unguided call a step)."""
+    call = MICRO_CALL[name]
+    if call.get("true_cfg_scale", 1.0) > 1 and call.get("negative_prompt") is not None:
+        return "separate"
+    if "guidance_scale" in call and call["guidance_scale"] > 1:
+        return "batched"
+    return None
+
+
+def _call_for(name: str, batch: int) -> dict[str, Any]:
+    call = MICRO_CALL[name]
+    if isinstance(call.get("negative_prompt"), str):
+        # true-CFG pipelines encode a lone negative prompt for one image only
+        call = {**call, "negative_prompt": [call["negative_prompt"]] * batch}
+    return call
+
+
 def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], batch_size: int, before_call=None) -> _Generated:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -152,7 +172,8 @@ def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], bat
         if before_call is not None:
             before_call()
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            images.append(pipe(list(prompts[batch]), generator=generators, output_type="np", **MICRO_CALL[name]).images)
+            call = _call_for(name, len(generators))
+            images.append(pipe(list(prompts[batch]), generator=generators, output_type="np", **call).images)
         macs += sum(counter.get_flop_counts().get(denoiser, {}).values()) // 2
         view = api.view(pipe)
         if view is not None and view.settings.auto:
@@ -180,13 +201,18 @@ def _fid(features: ClassifierFeatures, reference: np.ndarray, images: np.ndarray
     return float(metric.compute())
 
 
-def _variants(settings: QualitySettings, steps: int, unet: bool) -> list[tuple[str, str, TgateConfig | int]]:
-    """(name, kind, what runs it): a T-GATE configuration, or the step CFG truncation starts at."""
+def _variants(settings: QualitySettings, steps: int, unet: bool, guided: bool = True) -> list[tuple[str, str, TgateConfig | int]]:
+    """(name, kind, what runs it): a T-GATE configuration, or the step CFG truncation starts at.
+    Unguided (``guided=False``), the series that differ from T-GATE only in what happens to the
+    guidance are left out."""
     gates = [gate for gate in settings.gates if gate < steps]
     schedule = dict(sp_interval=settings.sp_interval, warm_up=settings.warm_up)
     variants: list[tuple[str, str, TgateConfig | int]] = [
         (f"gate {gate}", "fixed", TgateConfig(gate_step=gate, **schedule)) for gate in gates
     ]
+    if not guided:
+        variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate, **schedule)))
+        return variants
     if settings.prompt_part:
         own = dict(kept_part="conditional", gate_cache="kept-part", **schedule)
         variants += [(f"gate {gate}, prompt's own", "prompt-part", TgateConfig(gate_step=gate, **own)) for gate in gates]
@@ -227,11 +253,12 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
     say(f"{name}: ungated, other seeds")
     other = _generate(pipe, name, prompts, [seed + OTHER_SEEDS_OFFSET for seed in seeds], settings.batch_size)
     rows.append(row("ungated, other seeds", "floor", None, other))
-    for variant, kind, config in _variants(settings, steps, getattr(pipe, "unet", None) is not None):
+    guidance = guidance_of(name)
+    for variant, kind, config in _variants(settings, steps, getattr(pipe, "unet", None) is not None, guidance is not None):
         say(f"{name}: {variant}")
         if kind == "cfg-truncation":
             # the gate's step counted as T-GATE counts it: the steps after `gate` run unguided
-            with CFGTruncation(_denoiser(pipe), config) as truncation:
+            with CFGTruncation(_denoiser(pipe), config, separate_calls=guidance == "separate") as truncation:
                 generated = _generate(pipe, name, prompts, seeds, settings.batch_size, truncation.new_generation)
             rows.append(row(variant, kind, config, generated))
             continue
@@ -245,7 +272,7 @@ def measure_quality(name: str, settings: QualitySettings = QualitySettings(), pr
         rows.append(row(variant, kind, gate, generated))
     if settings.diffusers_caches and applies_to(pipe):
         for cache in DIFFUSERS_CACHES:
-            refused = cache.refuses(pipe)
+            refused = cache.refuses(pipe, guidance)
             if refused is not None:
                 say(f"{name}: {cache.variant} left out: {refused}")
                 continue
@@ -275,7 +302,7 @@ def measure_auto_overhead(name: str, settings: QualitySettings = QualitySettings
     def generate(seed: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            pipe(prompts, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **MICRO_CALL[name])
+            pipe(prompts, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **_call_for(name, len(prompts)))
         return time.perf_counter() - start
 
     originals = {attribute: getattr(GateChooser, attribute) for attribute in ("observe", "step_done")}

@@ -1,7 +1,7 @@
 """Train the micro world's models on the CPU, deterministically given a seed.
 
-``tgate-kernels train-micro --out DIR [--seed S] [--what sd,pixart,classifier]``
-writes up to three folders into ``DIR``:
+``tgate-kernels train-micro --out DIR [--seed S] [--what sd,pixart,sd3,flux,classifier]``
+writes up to five folders into ``DIR``:
 
 * ``sd``: a :class:`diffusers.StableDiffusionPipeline`: a small ``UNet2DConditionModel`` with
   cross-attention at its 8x8 and 4x4 levels, a small ``CLIPTextModel`` trained jointly with it,
@@ -13,6 +13,10 @@ writes up to three folders into ``DIR``:
   (dual-stream joint attention) trained jointly with its two small ``CLIPTextModelWithProjection``
   encoders (no T5: the pipeline feeds zeros in its place), as a rectified flow sampled by
   ``FlowMatchEulerDiscreteScheduler``;
+* ``flux``: a :class:`diffusers.FluxPipeline`: a small ``FluxTransformer2DModel`` (dual-stream
+  blocks, then single-stream blocks on the joined sequence) trained jointly with a small
+  ``CLIPTextModel`` (pooled) and ``T5EncoderModel`` (the sequence), without a guidance embedding:
+  with 10% empty captions, true CFG (a negative prompt and ``true_cfg_scale``) works;
 * ``classifier``: the attribute classifier of :mod:`tgate_kernels.tools.micro.adherence`.
 
 The pipelines share one ``AutoencoderKL`` trained first to reconstruct the 32x32 images from
@@ -55,6 +59,7 @@ __all__ = [
     "save_pipeline",
     "t5_tokenizer",
     "train_classifier",
+    "train_flux",
     "train_pixart",
     "train_sd",
     "train_sd3",
@@ -62,7 +67,7 @@ __all__ = [
 ]
 
 #: What ``--what`` can name.
-WHAT: tuple[str, ...] = ("sd", "pixart", "sd3", "classifier")
+WHAT: tuple[str, ...] = ("sd", "pixart", "sd3", "flux", "classifier")
 
 # Token positions of the text encoders, BOS/EOS included; captions have at most 9 tokens.
 TEXT_LENGTH = 16
@@ -82,7 +87,7 @@ _T5_PAD, _T5_EOS, _T5_UNK = "<pad>", "</s>", "<unk>"
 _BYTE_LEVEL_SPACE = "\u0120"
 
 # Offsets that give every model its own data and initialisation streams for one ``seed``.
-_STREAMS = {"vae": 1, "sd": 2, "pixart": 3, "classifier": 4, "held-out": 5, "sd3": 6}
+_STREAMS = {"vae": 1, "sd": 2, "pixart": 3, "classifier": 4, "held-out": 5, "sd3": 6, "flux": 7}
 
 
 def _stream(seed: int, part: str) -> int:
@@ -317,6 +322,26 @@ def _sd3_transformer():
     )
 
 
+def _flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    # The 16x16x4 latents packed 2x2 (as FluxPipeline packs them): 64 image tokens of 16 channels
+    # beside 16 T5 tokens; two dual-stream blocks, then four single-stream ones.  RoPE over
+    # (text/image, row, column): 4 + 6 + 6 channels of each 16-channel head.
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * LATENT_CHANNELS,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=TEXT_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=False,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
 def _t5_text_encoder(tokenizer: Any):
     from transformers import T5Config, T5EncoderModel
 
@@ -500,9 +525,9 @@ def _train_denoiser(
 
 def _train_flow(
     name: str,
-    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    predict: Callable[..., torch.Tensor],
     modules: Sequence[torch.nn.Module],
-    tokenizer: Any,
+    tokenizers: Sequence[Any],
     vae: Any,
     seed: int,
     steps: int,
@@ -510,24 +535,24 @@ def _train_flow(
     samples: int,
     lr: float,
 ) -> float:
-    """Rectified-flow training of ``predict(noisy, timesteps, token_ids)``: the velocity
-    ``noise - clean`` at ``sigma``, drawn logit-normal as in SD3's training (most draws in the
-    middle of the schedule, where the layout is decided)."""
+    """Rectified-flow training of ``predict(noisy, timesteps, *token_ids)`` (the ids of each of
+    ``tokenizers``): the velocity ``noise - clean`` at ``sigma``, drawn logit-normal as in SD3's
+    training (most draws in the middle of the schedule, where the layout is decided)."""
     images, captions, _ = world.dataset(samples, _stream(seed, name))
     latents = _encode_latents(vae, images)
-    token_ids, _ = _tokenize(tokenizer, captions)
-    empty_ids, _ = _tokenize(tokenizer, [""])
+    token_ids = [_tokenize(tokenizer, captions)[0] for tokenizer in tokenizers]
+    empty_ids = [_tokenize(tokenizer, [""])[0] for tokenizer in tokenizers]
     generator = torch.Generator().manual_seed(_stream(seed, name))
 
     def loss_of_step(step: int) -> torch.Tensor:
         index = torch.randint(len(latents), (batch_size,), generator=generator)
         dropped = (torch.rand(batch_size, generator=generator) < CAPTION_DROPOUT)[:, None]
-        ids = torch.where(dropped, empty_ids, token_ids[index])
+        ids = [torch.where(dropped, empty, every[index]) for empty, every in zip(empty_ids, token_ids)]
         clean = latents[index]
         noise = torch.randn(clean.shape, generator=generator)
         sigmas = torch.sigmoid(torch.randn(batch_size, generator=generator))
         noisy = (1 - sigmas)[:, None, None, None] * clean + sigmas[:, None, None, None] * noise
-        prediction = predict(noisy, sigmas * 1000, ids)
+        prediction = predict(noisy, sigmas * 1000, *ids)
         return (prediction - (noise - clean)).pow(2).mean()
 
     return _run(name, loss_of_step, modules, steps, lr)
@@ -641,7 +666,7 @@ def train_sd3(
         return transformer(noisy, encoder_hidden_states=text, pooled_projections=pooled, timestep=timesteps).sample
 
     final_loss = _train_flow(
-        "sd3", predict, [transformer, text_encoder, text_encoder_2], tokenizer, vae, seed, steps, batch_size, samples, lr
+        "sd3", predict, [transformer, text_encoder, text_encoder_2], [tokenizer], vae, seed, steps, batch_size, samples, lr
     )
     _round_to_half(transformer)
     # SD3 pipelines decode `latents / scaling_factor + shift_factor`; the latents were not shifted
@@ -665,6 +690,62 @@ def train_sd3(
         "vae": _parameters(vae),
     }
     return pipe, TrainingReport("sd3", time.perf_counter() - start, steps, batch_size, final_loss, parameters)
+
+
+def train_flux(
+    vae: Any, seed: int = 0, *, steps: int = 4200, batch_size: int = 128, samples: int = 80000, lr: float = 1e-3
+) -> tuple[Any, TrainingReport]:
+    """A ``FluxPipeline`` whose transformer, CLIP and T5 text encoders are trained jointly."""
+    from diffusers import FluxPipeline
+
+    start = time.perf_counter()
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_stream(seed, "flux"))
+        transformer = _flux_transformer()
+        text_encoder = _clip_text_encoder(tokenizer)
+        text_encoder_2 = _t5_text_encoder(tokenizer_2)
+    pixels = world.IMAGE_SIZE
+    vae_scale_factor = world.IMAGE_SIZE // LATENT_SIZE
+    image_ids = FluxPipeline._prepare_latent_image_ids(None, LATENT_SIZE // 2, LATENT_SIZE // 2, "cpu", torch.float32)
+    text_ids = torch.zeros(TEXT_LENGTH, 3)
+
+    def predict(noisy: torch.Tensor, timesteps: torch.Tensor, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> torch.Tensor:
+        # What FluxPipeline builds: CLIP's pooled output, T5's states without a mask, the latents
+        # packed 2x2 and the timestep as a fraction (the transformer multiplies it by 1000).
+        pooled = text_encoder(clip_ids).pooler_output
+        text = text_encoder_2(t5_ids)[0]
+        packed = FluxPipeline._pack_latents(noisy, len(noisy), LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)
+        velocity = transformer(
+            packed, encoder_hidden_states=text, pooled_projections=pooled, timestep=timesteps / 1000,
+            img_ids=image_ids, txt_ids=text_ids,
+        ).sample
+        return FluxPipeline._unpack_latents(velocity, pixels, pixels, vae_scale_factor)
+
+    final_loss = _train_flow(
+        "flux", predict, [transformer, text_encoder, text_encoder_2], [tokenizer, tokenizer_2], vae, seed, steps,
+        batch_size, samples, lr,
+    )
+    _round_to_half(transformer)
+    # FLUX pipelines decode `latents / scaling_factor + shift_factor`; the latents were not shifted
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(shift_factor=0.0)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=_flow_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+    parameters = {
+        "transformer": _parameters(transformer),
+        "text_encoder": _parameters(text_encoder),
+        "text_encoder_2": _parameters(text_encoder_2),
+        "vae": _parameters(vae),
+    }
+    return pipe, TrainingReport("flux", time.perf_counter() - start, steps, batch_size, final_loss, parameters)
 
 
 def _degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -740,6 +821,9 @@ _DESCRIPTIONS = {
     "sd3": "A micro Stable Diffusion 3 pipeline (`diffusers.StableDiffusion3Pipeline`, no T5 encoder) for the "
     "micro world of `tgate_kernels.tools.micro.world`; load it with "
     "`tgate_kernels.tools.micro.adherence.load_micro_pipeline(\"sd3\")` and call it with `MICRO_CALL[\"sd3\"]`.",
+    "flux": "A micro FLUX.1 pipeline (`diffusers.FluxPipeline`, no guidance embedding) for the micro world of "
+    "`tgate_kernels.tools.micro.world`; load it with `tgate_kernels.tools.micro.adherence.load_micro_pipeline(\"flux\")` "
+    "and call it with `MICRO_CALL[\"flux\"]` (true CFG against the empty prompt) or `MICRO_CALL[\"flux-no-cfg\"]`.",
     "classifier": "The attribute classifier of `tgate_kernels.tools.micro.adherence` (a small CNN, "
     "`model.safetensors` + `config.json`); load it with `load_classifier()`.",
 }
@@ -801,11 +885,11 @@ def _what(text: str) -> tuple[str, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``train-micro``: train the selected models into ``--out``/{sd,pixart,classifier}."""
+    """``train-micro``: train the selected models into ``--out``/{sd,pixart,sd3,flux,classifier}."""
     parser = argparse.ArgumentParser(prog="tgate-kernels train-micro", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder to write sd/, pixart/, classifier/ into")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write sd/, pixart/, sd3/, flux/, classifier/ into")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--what", type=_what, default=WHAT, help="comma-separated subset of sd,pixart,classifier")
+    parser.add_argument("--what", type=_what, default=WHAT, help=f"comma-separated subset of {','.join(WHAT)}")
     # One thread per process: several trainings can share the cores, and OpenMP threads slow to a
     # crawl when other processes take their cores.
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (results depend on it)")
@@ -831,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if vae is None:
                 vae, vae_report = _load_vae(args.vae) if args.vae else train_vae(args.seed)
-            trainer = {"sd": train_sd, "pixart": train_pixart, "sd3": train_sd3}[name]
+            trainer = {"sd": train_sd, "pixart": train_pixart, "sd3": train_sd3, "flux": train_flux}[name]
             pipe, report = trainer(vae, args.seed)
             save_pipeline(pipe, folder)
             reports = [vae_report, report]
