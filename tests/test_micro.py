@@ -20,6 +20,7 @@ from tgate_kernels.tools.micro.adherence import (
     classify,
     load_classifier,
     load_micro_pipeline,
+    micro_call,
 )
 from tgate_kernels.tools.micro.world import EVAL_PROMPTS, Attributes, Thing, caption, dataset, parse_caption, render
 
@@ -101,7 +102,7 @@ def test_adherence_counts_prompts_whose_image_shows_everything_asked():
 
 
 def _generate(pipe, name, prompts, steps=None, seed=0):
-    call = dict(MICRO_CALL[name])
+    call = micro_call(name, len(prompts))
     if steps is not None:
         call["num_inference_steps"] = steps
     return pipe(list(prompts), generator=torch.Generator().manual_seed(seed), output_type="np", **call).images

@@ -152,11 +152,12 @@ def test_auto_overhead_is_a_small_part_of_the_generation():
 
 def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
     out = tmp_path / "quality"
-    assert cli.main(["quality", "--models", "pixart", "--gates", "8", "--images-per-prompt", "1",
+    assert cli.main(["quality", "--models", "pixart", "--gates", "8", "--images-per-prompt", "1", "--prompts", "16",
                      "--batch-size", "8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "pixart" in printed and "auto" in printed
     data = json.loads((out / "quality.json").read_text())
+    assert {row["images"] for row in data["rows"]} == {16}, "16 prompts spread over the 48, one image each"
     # TaylorSeer is left out of a batched-guidance pipeline's table (one cache context for both parts)
     caches = [cache.variant for cache in DIFFUSERS_CACHES if not cache.variant.startswith("TaylorSeer")]
     assert [row["variant"] for row in data["rows"]] == ["ungated", "ungated, other seeds", "gate 8", "gate 8, prompt's own",
@@ -184,6 +185,8 @@ def test_quality_command_writes_the_table_and_plot(tmp_path, capsys):
         (["--auto-gate", "speed=3"], "unknown keys"),
         (["--sp-interval", "0"], "--sp-interval"),
         (["--warm-up", "-1"], "--warm-up"),
+        (["--prompts", "49"], "--prompts: 49 is more than the 48 evaluation prompts"),
+        (["--prompts", "0"], "--prompts"),
     ],
 )
 def test_quality_command_refuses_bad_options(arguments, message, capsys, tmp_path):

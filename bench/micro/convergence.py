@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tgate_kernels.engine.attention_modules import text_stream_modules
-from tgate_kernels.tools.micro.adherence import MICRO_CALL, load_micro_pipeline
+from tgate_kernels.tools.micro.adherence import MICRO_CALL, load_micro_pipeline, micro_call
 from tgate_kernels.tools.micro.world import EVAL_PROMPTS
 
 PIPELINES = ("sd", "pixart", "sd3", "flux")
@@ -49,10 +49,7 @@ def relative_changes(name: str, seed: int) -> tuple[dict[str, np.ndarray], list[
         handles.append(module.register_forward_hook(hook))
     try:
         generator = torch.Generator().manual_seed(seed)
-        call = MICRO_CALL[name]
-        if isinstance(call.get("negative_prompt"), str):
-            call = {**call, "negative_prompt": [call["negative_prompt"]] * len(EVAL_PROMPTS)}
-        pipe(list(EVAL_PROMPTS), generator=generator, output_type="np", **call)
+        pipe(list(EVAL_PROMPTS), generator=generator, output_type="np", **micro_call(name, len(EVAL_PROMPTS)))
     finally:
         for handle in handles:
             handle.remove()

@@ -95,6 +95,10 @@ class PlanData:
         self.bound = bound
         return bound
 
+    def existing(self, key: str) -> torch.Tensor | None:
+        """The cache ``key`` of the call running if it has been made, else ``None`` (never makes one)."""
+        return self.bound.get(key)
+
     def buffer(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """The cache ``key`` of the call running (traced under compile: ``bound`` is the graph's input)."""
         bound = self.bound

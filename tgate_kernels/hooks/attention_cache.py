@@ -322,7 +322,7 @@ class AttentionCacheHook(TgateHook):
             # same length. The second never makes the buffer the kept part reads after the gate:
             # with texts of different lengths (see PartCache) it has another shape, and the kept
             # part's own stands.
-            kept = self.state.context.plan_data.bound.get(self._buffer_key("after", output))
+            kept = self.state.context.plan_data.existing(self._buffer_key("after", output))
             if kept is None and parts[0] == layout.kept:
                 kept = self._buffer("after", output)
             if kept is None or kept.shape != output.shape:

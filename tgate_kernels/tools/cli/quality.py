@@ -23,6 +23,8 @@ def add_parser(commands) -> None:
                          help="comma-separated micro pipelines: sd, pixart, sd3, flux (true CFG), flux-no-cfg (the same weights unguided)")
     quality.add_argument("--gates", type=arguments.int_list, default=None, help="comma-separated fixed gate steps of the 20 (default 2,4,...,16)")
     quality.add_argument("--images-per-prompt", type=arguments.positive_int, default=4, help="seeds per evaluation prompt (48 prompts)")
+    quality.add_argument("--prompts", type=arguments.positive_int, default=None,
+                         help="evaluate on this many of the 48 evaluation prompts, evenly spread over them (a quick look; default all)")
     quality.add_argument("--batch-size", type=arguments.positive_int, default=8, help="images per pipeline call (auto decides once per call)")
     quality.add_argument("--seed", type=arguments.non_negative_int, default=0)
     quality.add_argument("--auto-gate", type=arguments.auto_gate, default=None, metavar="KEY=VALUE,...", help="auto_gate options")
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..micro.adherence import MICRO_CALL
     from ..micro.quality import DEFAULT_GATES, QualitySettings, measure_auto_overhead, measure_quality
     from ..micro.quality_report import render, write_all
+    from ..micro.world import EVAL_PROMPTS
 
     unknown = [name for name in args.models if name not in MICRO_CALL]
     if unknown:
@@ -58,7 +61,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     gates = tuple(args.gates) if args.gates is not None else DEFAULT_GATES
     if not all(0 < gate < steps for gate in gates):
         parser.error(f"argument --gates: {','.join(map(str, gates))} must each be between 1 and {steps - 1} (the micro pipelines run {steps} steps)")
-    settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size,
+    if args.prompts is not None and args.prompts > len(EVAL_PROMPTS):
+        parser.error(f"argument --prompts: {args.prompts} is more than the {len(EVAL_PROMPTS)} evaluation prompts")
+    count = args.prompts or len(EVAL_PROMPTS)
+    prompts = tuple(EVAL_PROMPTS[index * len(EVAL_PROMPTS) // count] for index in range(count))
+    settings = QualitySettings(gates=gates, images_per_prompt=args.images_per_prompt, batch_size=args.batch_size, prompts=prompts,
                                seed=args.seed, deepcache=args.deepcache, cfg_truncation=args.cfg_truncation,
                                prompt_part=args.prompt_part, guidance_kept=args.guidance_kept,
                                diffusers_caches=args.diffusers_caches,

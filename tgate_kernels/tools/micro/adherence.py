@@ -42,6 +42,7 @@ __all__ = [
     "classify",
     "load_classifier",
     "load_micro_pipeline",
+    "micro_call",
     "save_classifier",
 ]
 
@@ -73,6 +74,15 @@ MICRO_CALL: dict[str, dict[str, Any]] = {
     # the same weights without guidance: one call a step, only the frozen text stream saves
     "flux-no-cfg": {"num_inference_steps": 20, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "max_sequence_length": 16},
 }
+
+def micro_call(name: str, prompts: int) -> dict[str, Any]:
+    """:data:`MICRO_CALL` ``[name]`` for a call of ``prompts`` prompts: a lone negative prompt
+    repeated for each (true-CFG pipelines encode a lone one for a single image)."""
+    call = dict(MICRO_CALL[name])
+    if isinstance(call.get("negative_prompt"), str):
+        call["negative_prompt"] = [call["negative_prompt"]] * prompts
+    return call
+
 
 #: The weights folder of each entry of :data:`MICRO_CALL` that does not have its own.
 FOLDER: dict[str, str] = {"flux-no-cfg": "flux"}

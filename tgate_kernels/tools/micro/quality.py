@@ -46,7 +46,7 @@ from ...engine.autogate import GateChooser
 from ..benchmarking.fidelity import fidelity
 from .cfg_truncation import CFGTruncation
 from .diffusers_caches import DIFFUSERS_CACHES, applies_to
-from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline
+from .adherence import MICRO_CALL, AttributeClassifier, adherence_scores, load_classifier, load_micro_pipeline, micro_call
 from .world import EVAL_PROMPTS
 
 DEFAULT_GATES: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 14, 16)
@@ -152,13 +152,6 @@ def guidance_of(name: str) -> str | None:
     return None
 
 
-def _call_for(name: str, batch: int) -> dict[str, Any]:
-    call = MICRO_CALL[name]
-    if isinstance(call.get("negative_prompt"), str):
-        # true-CFG pipelines encode a lone negative prompt for one image only
-        call = {**call, "negative_prompt": [call["negative_prompt"]] * batch}
-    return call
-
 
 def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], batch_size: int, before_call=None) -> _Generated:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -172,7 +165,7 @@ def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], bat
         if before_call is not None:
             before_call()
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            call = _call_for(name, len(generators))
+            call = micro_call(name, len(generators))
             images.append(pipe(list(prompts[batch]), generator=generators, output_type="np", **call).images)
         macs += sum(counter.get_flop_counts().get(denoiser, {}).values()) // 2
         view = api.view(pipe)
@@ -302,7 +295,7 @@ def measure_auto_overhead(name: str, settings: QualitySettings = QualitySettings
     def generate(seed: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            pipe(prompts, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **_call_for(name, len(prompts)))
+            pipe(prompts, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **micro_call(name, len(prompts)))
         return time.perf_counter() - start
 
     originals = {attribute: getattr(GateChooser, attribute) for attribute in ("observe", "step_done")}
