@@ -308,7 +308,8 @@ class TextMaskTap(TgateHook):
 def text_mask_taps(state: GenerationState, denoiser: torch.nn.Module, layouts) -> list[tuple[torch.nn.Module, TgateHook]]:
     """One tap on each module of ``denoiser`` that the single-stream ``layouts`` read their text masks from."""
     places = sorted({layout.text_mask for layout in layouts if layout.text_mask is not None})
-    return [(denoiser.get_submodule(path), TextMaskTap(state, denoiser.get_submodule(path), argument)) for path, argument in places]
+    modules = [(denoiser.get_submodule(path), argument) for path, argument in places]
+    return [(module, TextMaskTap(state, module, argument)) for module, argument in modules]
 
 
 _compat.diffusers_hook(ProjectionTap, stateful=False)
