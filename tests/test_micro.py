@@ -11,6 +11,7 @@ import torch
 import tgate_kernels
 from tgate_kernels.tools.micro import world
 from tgate_kernels.tools.micro.adherence import (
+    FOLDER,
     MICRO_CALL,
     WITHOUT,
     WEIGHTS,
@@ -116,12 +117,13 @@ def test_micro_sd_follows_prompts():
     assert adherence(prompts, images) >= 0.75
 
 
-@pytest.mark.parametrize("name", ["sd", "pixart", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "pixart", "sd3", "flux", "flux-no-cfg"])
 def test_shipped_pipelines_load_and_run_gated(name):
-    from diffusers import DiffusionPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / name, **WITHOUT.get(name, {}))
-    expected = {"sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline}[name]
+    pipe = DiffusionPipeline.from_pretrained(WEIGHTS / FOLDER.get(name, name), **WITHOUT.get(name, {}))
+    expected = {"sd": StableDiffusionPipeline, "pixart": PixArtAlphaPipeline, "sd3": StableDiffusion3Pipeline,
+                "flux": FluxPipeline, "flux-no-cfg": FluxPipeline}[name]
     assert isinstance(pipe, expected)
     assert all(p.dtype == torch.float32 for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters())
     pipe.set_progress_bar_config(disable=True)
@@ -136,7 +138,7 @@ def test_shipped_pipelines_load_and_run_gated(name):
     np.testing.assert_array_equal(_generate(pipe, name, prompts, steps=10), ungated)
 
 
-@pytest.mark.parametrize("name", ["sd", "pixart", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "pixart", "sd3", "flux"])
 def test_cross_attention_settles_during_a_micro_generation(name):
     """T-GATE's premise, observable in the micro world: the step-to-step change of the
     cross-attention outputs (micro SD3: of its text stream) falls as sampling goes on
@@ -149,5 +151,5 @@ def test_cross_attention_settles_during_a_micro_generation(name):
     assert len(changes) == MICRO_CALL[name]["num_inference_steps"] - 2
     early, late = changes[:3].mean(), changes[-4:].mean()
     # Measured (slowest sample of the batch): sd 0.126 -> 0.047 (0.37x), pixart 0.036 -> 0.018 (0.50x),
-    # sd3's text stream 0.568 -> 0.093 (0.16x).
+    # sd3's text stream 0.568 -> 0.093 (0.16x), flux's (its prompt's calls) 0.216 -> 0.034 (0.16x).
     assert late < 0.65 * early

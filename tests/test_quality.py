@@ -144,6 +144,37 @@ def test_cfg_truncation_of_true_cfg_skips_the_negative_prompts_calls_from_the_cu
     assert "forward" not in pipe.transformer.__dict__
 
 
+@pytest.mark.parametrize("variant", [cache.variant for cache in DIFFUSERS_CACHES if not cache.variant.startswith("FirstBlockCache")])
+def test_each_scheduled_diffusers_cache_that_runs_on_flux_unguided_skips_work(variant):
+    """On a FLUX pipeline (its transformer takes the timestep as a fraction, its pipeline opens
+    cache contexts itself), called as the micro FLUX without guidance: a cache the harness does not
+    refuse runs, and skips some of the transformer's work. (FirstBlockCache skips by how much the
+    first block's output changed, which random weights never make small: the command test
+    measures it on micro PixArt.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fixtures.families import FAMILIES
+
+    family = FAMILIES["flux"]
+    cache = next(cache for cache in DIFFUSERS_CACHES if cache.variant == variant)
+    unguided = {**family.call_kwargs(8), "negative_prompt": None, "true_cfg_scale": 1.0}
+
+    def flops(pipe):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            pipe(**unguided)
+        return counter.get_total_flops()
+
+    pipe = family.build()
+    refused = cache.refuses(pipe, None)
+    if refused is not None:
+        assert "cross-attention" in refused, "only the cross-attention setting of PAB has nothing to do on FLUX"
+        return
+    # applied before the pipeline's first call, as the harness does (diffusers 0.42.1 lists the
+    # hooks a cache context reaches at the first call)
+    cache.apply(pipe)
+    assert flops(pipe) < flops(family.build()), f"{variant} skipped nothing"
+
+
 def test_auto_overhead_is_a_small_part_of_the_generation():
     overhead = quality.measure_auto_overhead("pixart", SMALL, generations=1)
     assert overhead.chooser_seconds > 0.0

@@ -3,7 +3,8 @@ text stream of the joint-attention ones (micro SD3, micro FLUX)?
 
 Forward hooks on every attention module of the denoiser whose ``is_cross_attention`` is True
 (micro SD, micro PixArt), or on every text-stream module T-GATE freezes after the gate (micro
-SD3 and FLUX: each dual-stream block's text q/k/v and output projections and text feed-forward),
+SD3 and FLUX: each dual-stream block's text q/k/v and output projections and text feed-forward;
+FLUX: each single-stream block's text rows too),
 record its output at each denoising step of one guided generation of all ``EVAL_PROMPTS``; the
 relative change from one step to the next, ||A_t - A_{t-1}|| / ||A_{t-1}|| (per image, then
 averaged over the images), is plotted per layer with the mean over layers, and tabulated in a
@@ -45,7 +46,10 @@ def relative_changes(name: str, seed: int) -> tuple[dict[str, np.ndarray], list[
     handles = []
     for layer, module in watched:
         outputs[layer] = []
-        hook = lambda _module, _inputs, output, calls=outputs[layer]: calls.append(output.detach().clone())
+        # a single-stream block (FLUX's) returns its text rows' output first, then its image rows'
+        hook = lambda _module, _inputs, output, calls=outputs[layer]: calls.append(
+            (output[0] if isinstance(output, tuple) else output).detach().clone()
+        )
         handles.append(module.register_forward_hook(hook))
     try:
         generator = torch.Generator().manual_seed(seed)
@@ -99,10 +103,10 @@ def markdown(results: dict[str, dict[str, np.ndarray]], timesteps: dict[str, lis
         "`tgate_kernels/tools/micro/weights/`) show that: the relative change ||A_t - A_{t-1}|| / ||A_{t-1}|| of",
         "every cross-attention output (modules with `is_cross_attention`: micro SD, micro PixArt) and of every",
         "text-stream module T-GATE freezes (each dual-stream block's `add_q_proj`, `add_k_proj`, `add_v_proj`,",
-        "`to_add_out` and `ff_context`: micro SD3 and FLUX), per image and averaged over the 48 `EVAL_PROMPTS`, over",
-        f"one generation of {call['num_inference_steps']} steps (DDIM for SD and PixArt, flow-matching Euler for SD3 and",
-        f"FLUX) with guidance {call['guidance_scale']} (FLUX: true CFG {MICRO_CALL['flux']['true_cfg_scale']}, the prompt's",
-        "call measured) (`MICRO_CALL`), seed 0.",
+        "`to_add_out` and `ff_context`: micro SD3 and FLUX; and the text rows of each FLUX single-stream block),",
+        f"per image and averaged over the 48 `EVAL_PROMPTS`, over one generation of {call['num_inference_steps']} steps",
+        f"(DDIM for SD and PixArt, flow-matching Euler for SD3 and FLUX) with guidance {call['guidance_scale']} (FLUX:",
+        f"true CFG {MICRO_CALL['flux']['true_cfg_scale']}, its prompt's calls measured; `MICRO_CALL`), seed 0.",
         "",
         "![convergence](cross_attention_convergence.png)",
         "",

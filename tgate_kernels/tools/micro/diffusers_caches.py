@@ -106,7 +106,11 @@ def _pyramid_attention_broadcast(spatial: int, cross: int | None) -> Callable[[A
         now: dict[str, float] = {}
 
         def note_timestep(module, args, kwargs) -> None:
-            timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            # FLUX's transformer takes the timestep as a fraction of 1000; its pipeline keeps the
+            # scheduler's own, on the scale of PAB's skip range
+            timestep = getattr(pipe, "_current_timestep", None)
+            if timestep is None:
+                timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             now["timestep"] = float(torch.as_tensor(timestep).flatten()[0])
 
         transformer.register_forward_pre_hook(note_timestep, with_kwargs=True)

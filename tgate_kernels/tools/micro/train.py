@@ -558,6 +558,18 @@ def _train_flow(
     return _run(name, loss_of_step, modules, steps, lr)
 
 
+def _unshifted(vae: Any) -> Any:
+    """A copy of ``vae`` for the flow pipelines (SD3, FLUX), which decode ``latents /
+    scaling_factor + shift_factor``: the latents they were trained on were not shifted."""
+    vae = copy.deepcopy(vae)
+    vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def _parameter_counts(**modules: torch.nn.Module) -> dict[str, int]:
+    return {name: _parameters(module) for name, module in modules.items()}
+
+
 def _round_to_half(*modules: torch.nn.Module) -> None:
     # The weights are shipped in float16: rounding them right after training means that whatever
     # is measured on the returned models holds for the shipped ones.
@@ -669,9 +681,7 @@ def train_sd3(
         "sd3", predict, [transformer, text_encoder, text_encoder_2], [tokenizer], vae, seed, steps, batch_size, samples, lr
     )
     _round_to_half(transformer)
-    # SD3 pipelines decode `latents / scaling_factor + shift_factor`; the latents were not shifted
-    vae = copy.deepcopy(vae)
-    vae.register_to_config(shift_factor=0.0)
+    vae = _unshifted(vae)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=_flow_scheduler(),
@@ -683,12 +693,7 @@ def train_sd3(
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    parameters = {
-        "transformer": _parameters(transformer),
-        "text_encoder": _parameters(text_encoder),
-        "text_encoder_2": _parameters(text_encoder_2),
-        "vae": _parameters(vae),
-    }
+    parameters = _parameter_counts(transformer=transformer, text_encoder=text_encoder, text_encoder_2=text_encoder_2, vae=vae)
     return pipe, TrainingReport("sd3", time.perf_counter() - start, steps, batch_size, final_loss, parameters)
 
 
@@ -727,9 +732,7 @@ def train_flux(
         batch_size, samples, lr,
     )
     _round_to_half(transformer)
-    # FLUX pipelines decode `latents / scaling_factor + shift_factor`; the latents were not shifted
-    vae = copy.deepcopy(vae)
-    vae.register_to_config(shift_factor=0.0)
+    vae = _unshifted(vae)
     pipe = FluxPipeline(
         transformer=transformer,
         scheduler=_flow_scheduler(),
@@ -739,12 +742,7 @@ def train_flux(
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
     )
-    parameters = {
-        "transformer": _parameters(transformer),
-        "text_encoder": _parameters(text_encoder),
-        "text_encoder_2": _parameters(text_encoder_2),
-        "vae": _parameters(vae),
-    }
+    parameters = _parameter_counts(transformer=transformer, text_encoder=text_encoder, text_encoder_2=text_encoder_2, vae=vae)
     return pipe, TrainingReport("flux", time.perf_counter() - start, steps, batch_size, final_loss, parameters)
 
 
