@@ -502,14 +502,14 @@ VARIANTS = {
         QWEN, lambda: _qwen_controlnet_components(extra_condition_channels=4),
         dict(control_image=_image(), control_mask=torch.ones(1, 1, 32, 32)),
     ),
-    # the condition image as a PIL image: the pipelines read its size (a 32 x 32 output from it)
-    "QwenImageEditPipeline": (QWEN, qwenimage_edit_components, dict(image=_pil_image(), height=32, width=32)),
+    # the condition image as a PIL image: the pipelines read its size (a 64 x 64 output from it)
+    "QwenImageEditPipeline": (QWEN, qwenimage_edit_components, dict(image=_pil_image(), height=64, width=64)),
     "QwenImageEditPlusPipeline": (
-        QWEN, qwenimage_edit_components, dict(image=[_pil_image(), _pil_image(flipped=True)], height=32, width=32),
+        QWEN, qwenimage_edit_components, dict(image=[_pil_image(), _pil_image(flipped=True)], height=64, width=64),
     ),
     "QwenImageEditInpaintPipeline": (
         QWEN, qwenimage_edit_components,
-        dict(image=_pil_image(), mask_image=torch.ones(1, 1, 32, 32), height=32, width=32, strength=0.9),
+        dict(image=_pil_image(), mask_image=torch.ones(1, 1, 64, 64), height=64, width=64, strength=0.9),
     ),
     "FluxImg2ImgPipeline": (FLUX, _flux_components, dict(image=_image(), strength=0.9)),
     "FluxInpaintPipeline": (FLUX, _flux_components, dict(image=_image(), mask_image=torch.ones(1, 1, 32, 32), strength=0.9)),
