@@ -175,6 +175,12 @@ def test_each_scheduled_diffusers_cache_that_runs_on_flux_unguided_skips_work(va
     assert flops(pipe) < flops(family.build()), f"{variant} skipped nothing"
 
 
+def test_an_unguided_micro_pipeline_gets_no_series_that_differs_only_in_its_guidance():
+    assert (quality.guidance_of("sd"), quality.guidance_of("flux"), quality.guidance_of("flux-no-cfg")) == ("batched", "separate", None)
+    names = [name for name, _, _ in quality._variants(quality.QualitySettings(gates=(4, 8)), 20, unet=False, guided=False)]
+    assert names == ["gate 4", "gate 8", "auto"]
+
+
 def test_auto_overhead_is_a_small_part_of_the_generation():
     overhead = quality.measure_auto_overhead("pixart", SMALL, generations=1)
     assert overhead.chooser_seconds > 0.0

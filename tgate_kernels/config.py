@@ -283,12 +283,13 @@ class TgateConfig:
         if self.auto_gate is not None and not self.auto:
             raise ValueError(f"`auto_gate` tells how `gate_step='auto'` chooses; it was given with `gate_step={self.gate_step!r}`.")
         if self.guidance_after_gate is GuidanceAfterGate.KEPT:
-            for name, given in (("gate_step", "'auto'" if self.auto else None), ("compile", "given" if self.compile is not None else None)):
-                if given is not None:
+            clashes = (("gate_step", "'auto'", "the auto gate", self.auto), ("compile", "given", "the compiled path", self.compile is not None))
+            for name, given, path, clashing in clashes:
+                if clashing:
                     raise ValueError(
                         f"`guidance_after_gate='kept'` does not combine with `{name}` ({given}): every part keeps its own "
-                        f"cache after the gate, which {'the auto gate' if name == 'gate_step' else 'the compiled path'} does "
-                        f"not keep. Use guidance_after_gate='dropped', or a fixed gate_step without compile."
+                        f"cache after the gate, which {path} does not keep. Use guidance_after_gate='dropped', or a fixed "
+                        f"gate_step without compile."
                     )
         for other in ("deepcache", "compile"):
             if self.auto and getattr(self, other) is not None:

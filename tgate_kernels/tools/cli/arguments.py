@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 
-from ...config import AutoGate, DeepCacheOptions, TgateConfig, check_int
+from ...config import AutoGate, DeepCacheOptions, GuidanceAfterGate, TgateConfig, check_int
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -228,7 +228,8 @@ def add_pipeline_options(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--gate-cache", choices=("mean", "kept-part"), default="mean",
                      help="what the gate step caches of the prompt's and negative prompt's outputs: their mean (the "
                           "reference) or the part that runs after the gate alone")
-    sub.add_argument("--guidance-after-gate", choices=("dropped", "kept"), default="dropped",
+    sub.add_argument("--guidance-after-gate", choices=[choice.value for choice in GuidanceAfterGate],
+                     default=GuidanceAfterGate.DROPPED.value,
                      help="after the gate, run one guidance part (the reference) or every part, each reusing its own "
                           "cache (the text frozen, the guidance kept)")
     sub.add_argument("--deepcache", type=deepcache, default=None, metavar="INTERVAL,BRANCH", help="also run DeepCache, e.g. 3,0")

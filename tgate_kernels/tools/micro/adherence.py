@@ -75,6 +75,7 @@ MICRO_CALL: dict[str, dict[str, Any]] = {
     "flux-no-cfg": {"num_inference_steps": 20, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "max_sequence_length": 16},
 }
 
+
 def micro_call(name: str, prompts: int) -> dict[str, Any]:
     """:data:`MICRO_CALL` ``[name]`` for a call of ``prompts`` prompts: a lone negative prompt
     repeated for each (true-CFG pipelines encode a lone one for a single image)."""

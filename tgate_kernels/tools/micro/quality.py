@@ -152,7 +152,6 @@ def guidance_of(name: str) -> str | None:
     return None
 
 
-
 def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], batch_size: int, before_call=None) -> _Generated:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -164,8 +163,8 @@ def _generate(pipe, name: str, prompts: Sequence[str], seeds: Sequence[int], bat
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds[batch]]
         if before_call is not None:
             before_call()
+        call = micro_call(name, len(generators))
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            call = micro_call(name, len(generators))
             images.append(pipe(list(prompts[batch]), generator=generators, output_type="np", **call).images)
         macs += sum(counter.get_flop_counts().get(denoiser, {}).values()) // 2
         view = api.view(pipe)
@@ -203,19 +202,16 @@ def _variants(settings: QualitySettings, steps: int, unet: bool, guided: bool = 
     variants: list[tuple[str, str, TgateConfig | int]] = [
         (f"gate {gate}", "fixed", TgateConfig(gate_step=gate, **schedule)) for gate in gates
     ]
-    if not guided:
-        variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate, **schedule)))
-        return variants
-    if settings.prompt_part:
+    if guided and settings.prompt_part:
         own = dict(kept_part="conditional", gate_cache="kept-part", **schedule)
         variants += [(f"gate {gate}, prompt's own", "prompt-part", TgateConfig(gate_step=gate, **own)) for gate in gates]
-    if settings.guidance_kept:
+    if guided and settings.guidance_kept:
         kept = dict(guidance_after_gate="kept", **schedule)
         variants += [(f"gate {gate}, guidance kept", "guidance-kept", TgateConfig(gate_step=gate, **kept)) for gate in gates]
     if settings.deepcache and unet:
         variants += [(f"gate {gate} + DeepCache", "deepcache", TgateConfig(gate_step=gate, deepcache=True, **schedule)) for gate in gates]
     variants.append(("auto", "auto", TgateConfig(gate_step="auto", auto_gate=settings.auto_gate, **schedule)))
-    if settings.cfg_truncation:
+    if guided and settings.cfg_truncation:
         variants += [(f"CFG truncated at {gate}", "cfg-truncation", gate) for gate in gates]
     return variants
 
